@@ -1,0 +1,1 @@
+//! Load generator, workloads, A/B harness and reports.

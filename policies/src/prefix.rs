@@ -1,0 +1,88 @@
+//! Chained prefix block hashes, as vLLM's automatic prefix caching computes them.
+//!
+//! A prompt's token ids are cut into full blocks of `block_size` tokens; block
+//! `i`'s hash covers its parent's hash and its own tokens (and, on the first
+//! block, an optional cache salt), so two prompts share block hash `i` exactly
+//! when they share every token up to the end of block `i`. A trailing partial
+//! block gets no hash, as in vLLM.
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Hash of one full block, chained to its parent.
+pub type BlockHash = u64;
+
+/// Seed of the first block's parent (vLLM uses a random `NONE_HASH`; a fixed
+/// one keeps proxy and simulator deterministic).
+const ROOT_PARENT: u64 = 0x736c_7569_6365_0001;
+
+/// Chained hashes of every full `block_size`-token block of `tokens`.
+/// `salt` (vLLM's `cache_salt`) changes every hash, so salted prompts never
+/// share blocks with unsalted or differently salted ones.
+pub fn block_hashes(tokens: &[u32], block_size: usize, salt: Option<&str>) -> Vec<BlockHash> {
+    if block_size == 0 {
+        return Vec::new();
+    }
+    let mut parent = match salt {
+        Some(s) => xxh3_64_with_seed(s.as_bytes(), ROOT_PARENT),
+        None => ROOT_PARENT,
+    };
+    let mut buf = Vec::with_capacity(block_size * 4);
+    tokens
+        .chunks_exact(block_size)
+        .map(|block| {
+            buf.clear();
+            for t in block {
+                buf.extend_from_slice(&t.to_le_bytes());
+            }
+            parent = xxh3_64_with_seed(&buf, parent);
+            parent
+        })
+        .collect()
+}
+
+/// A stable 64-bit hash of a string (endpoint keys, tenant names), for
+/// consistent hashing and sharding.
+pub fn stable_hash(s: &str) -> u64 {
+    xxh3_64(s.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn only_full_blocks_hash() {
+        let t: Vec<u32> = (0..40).collect();
+        assert_eq!(block_hashes(&t, 16, None).len(), 2);
+        assert!(block_hashes(&t[..15], 16, None).is_empty());
+        assert!(block_hashes(&t, 0, None).is_empty());
+    }
+
+    #[test]
+    fn salt_separates_tenants() {
+        let t: Vec<u32> = (0..64).collect();
+        let a = block_hashes(&t, 16, Some("tenant-a"));
+        let b = block_hashes(&t, 16, Some("tenant-b"));
+        let none = block_hashes(&t, 16, None);
+        assert!(a.iter().zip(&b).all(|(x, y)| x != y));
+        assert!(a.iter().zip(&none).all(|(x, y)| x != y));
+    }
+
+    proptest! {
+        #[test]
+        fn hashes_share_exactly_the_common_full_blocks(
+            common in proptest::collection::vec(0u32..1000, 0..100),
+            x in proptest::collection::vec(0u32..1000, 1..50),
+            y in proptest::collection::vec(0u32..1000, 1..50),
+        ) {
+            prop_assume!(x[0] != y[0]);
+            let a: Vec<u32> = common.iter().chain(&x).copied().collect();
+            let b: Vec<u32> = common.iter().chain(&y).copied().collect();
+            let ha = block_hashes(&a, 8, None);
+            let hb = block_hashes(&b, 8, None);
+            let shared = ha.iter().zip(&hb).take_while(|(p, q)| p == q).count();
+            prop_assert_eq!(shared, common.len() / 8);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The Sluice proxy service on Pingora.

@@ -1,0 +1,33 @@
+//! `sluice`: the command that wires Sluice's crates together.
+//!
+//! Each subcommand lives in its own module (or its crate's `cli` module) and
+//! returns `anyhow::Result`; errors print as one line on stderr and exit 1.
+
+use clap::{Parser, Subcommand};
+
+mod plan;
+
+/// A request-routing proxy for LLM inference fleets.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// KV-cache capacity worksheet for a model on a GPU.
+    Plan(plan::PlanArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => plan::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("sluice: error: {e:#}");
+        std::process::exit(1);
+    }
+}
