@@ -5,11 +5,37 @@
 //! keeps it behind a short-lived lock; the offline simulator owns it), so a
 //! policy keeps its state (a counter, a prefix index, a hash ring) as plain
 //! fields. Time is an argument (`RouteRequest::now_ms`); nothing here reads a
-//! clock or does I/O.
+//! clock or does I/O. Randomised policies draw from a generator seeded by the
+//! caller, so an experiment replays exactly.
+//!
+//! The proxy builds a pool's router once from its `[pools.routing]` table:
+//! [`RoutingConfig`] (validated with [`RoutingConfig::validate`]) and
+//! [`build`].
 
+mod cache_aware;
+mod config;
+mod least_kv;
+mod least_requests;
+mod load;
+mod power_of_two;
+mod prefix_affinity;
+pub mod prefix_index;
+mod random;
 mod round_robin;
+mod scored;
 
+pub use cache_aware::CacheAware;
+pub use config::{
+    CacheAwareParams, PolicyKind, PrefixAffinityParams, RoutingConfig, ScoreWeights, ScoredParams,
+};
+pub use least_kv::LeastKv;
+pub use least_requests::LeastRequests;
+pub use load::{kv_load, request_load};
+pub use power_of_two::PowerOfTwo;
+pub use prefix_affinity::PrefixAffinity;
+pub use random::RandomChoice;
 pub use round_robin::RoundRobin;
+pub use scored::Scored;
 
 use crate::prefix::BlockHash;
 
@@ -124,5 +150,97 @@ pub trait Router: Send {
     /// Number of entries in the policy's bounded state (prefix-index size), for metrics.
     fn state_size(&self) -> usize {
         0
+    }
+}
+
+/// Builds the router a pool's `[pools.routing]` table asks for.
+///
+/// `seed` drives every random choice and keys the prefix index's hash, so
+/// the same seed and the same request sequence give the same decisions.
+/// Expects a config that passed [`RoutingConfig::validate`]; out-of-range
+/// values in one that did not are clamped, never a panic.
+pub fn build(cfg: &RoutingConfig, seed: u64) -> Box<dyn Router> {
+    match cfg.policy {
+        PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
+        PolicyKind::Random => Box::new(RandomChoice::new(seed)),
+        PolicyKind::LeastRequests => Box::new(LeastRequests::default()),
+        PolicyKind::LeastKv => Box::new(LeastKv::new(cfg.block_size())),
+        PolicyKind::PowerOfTwo => Box::new(PowerOfTwo::new(seed)),
+        PolicyKind::PrefixAffinity => Box::new(PrefixAffinity::new(cfg.prefix_affinity())),
+        PolicyKind::CacheAware => Box::new(CacheAware::new(cfg.cache_aware(), seed)),
+        PolicyKind::Scored => Box::new(Scored::new(cfg.scored(), seed)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Builders for policy tests.
+
+    use super::{EndpointLoad, EndpointView, RouteRequest};
+    use crate::prefix::BlockHash;
+
+    /// Views of `keys` with the given proxy in-flight counts and no engine gauges.
+    pub fn views<'a>(keys: &[&'a str], in_flight: &[u32]) -> Vec<EndpointView<'a>> {
+        keys.iter()
+            .zip(in_flight)
+            .map(|(key, &n)| EndpointView {
+                key,
+                load: EndpointLoad {
+                    in_flight: n,
+                    in_flight_tokens: u64::from(n) * 1000,
+                    engine: None,
+                },
+            })
+            .collect()
+    }
+
+    /// A request of tenant `t` with the given block hashes.
+    pub fn request(block_hashes: &[BlockHash]) -> RouteRequest<'_> {
+        RouteRequest {
+            block_hashes,
+            prompt_tokens: block_hashes.len() as u32 * 16,
+            max_tokens: 128,
+            tenant: "t",
+            class: "chat",
+            now_ms: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{request, views};
+    use super::*;
+
+    #[test]
+    fn build_gives_every_policy_by_name() {
+        let keys = ["a", "b", "c"];
+        let eps = views(&keys, &[1, 0, 2]);
+        let hashes: Vec<BlockHash> = (1..=20).collect();
+        for p in PolicyKind::ALL {
+            let mut r = build(&RoutingConfig::with_policy(p), 42);
+            assert_eq!(r.name(), p.as_str());
+            for _ in 0..10 {
+                let d = r.pick(&request(&hashes), &eps).unwrap();
+                assert!(d.index < keys.len());
+            }
+            assert!(r.pick(&request(&hashes), &[]).is_none());
+            assert_eq!(r.state_size() > 0, p.tracks_prefixes(), "{p}");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_decisions() {
+        let keys = ["a", "b", "c", "d"];
+        let eps = views(&keys, &[0; 4]);
+        for p in PolicyKind::ALL {
+            let mut x = build(&RoutingConfig::with_policy(p), 9);
+            let mut y = build(&RoutingConfig::with_policy(p), 9);
+            for i in 0..50u64 {
+                let hashes = [i % 7, i];
+                let req = request(&hashes);
+                assert_eq!(x.pick(&req, &eps), y.pick(&req, &eps), "{p}");
+            }
+        }
     }
 }

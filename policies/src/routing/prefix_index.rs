@@ -1,0 +1,355 @@
+//! An approximate, bounded index of which endpoints were sent which prefix blocks.
+//!
+//! Prefix-aware routing needs to know which replica probably still holds a
+//! prompt's leading blocks in its KV cache. The engines do not say, so the
+//! router remembers what it sent where: block hash → set of endpoints. It is
+//! approximate by design (the engine evicts on its own schedule); what matters
+//! is that it is cheap on the hot path and bounded in memory whatever the
+//! traffic.
+//!
+//! Design choices, each for the hot path (a 4k-token prompt is 256 blocks, and
+//! a decision plus update must stay under 10 µs):
+//!
+//! - **Endpoint sets are bitmasks.** Each endpoint key gets one of
+//!   [`MAX_ENDPOINTS`] slots, so an entry is a `u128` and a membership test is
+//!   an AND. When more endpoints than slots have been seen (DNS churn), the
+//!   slot seen least recently is recycled and its bit cleared everywhere.
+//! - **LRU by generations.** Entries live in a young and an old map; a lookup
+//!   or an update that finds an entry in the old map moves it to the young
+//!   one; when the young map fills half the capacity, the old map (everything
+//!   not used for a whole generation) is dropped and the young one becomes
+//!   old. That is least-recently-used eviction at the granularity of half the
+//!   capacity, with O(1) work per block and no eviction scans or latency spikes.
+//! - **Longest match by binary search.** Block hashes are chained, so an
+//!   endpoint that was sent block `i` was also sent blocks `0..i`: the match
+//!   length is found in O(log n) lookups per distinct match depth instead of
+//!   a walk over all blocks.
+//! - **Scopes.** A non-zero scope (a tenant's hash) is mixed into every key,
+//!   so scoped prefixes never match another scope's.
+//!
+//! Endpoints absent from the caller's current slice are simply not asked
+//! about; their bits age out with the entries that carry them.
+
+use std::collections::HashMap;
+
+use foldhash::fast::FixedState;
+
+use crate::prefix::{BlockHash, stable_hash};
+
+/// Most distinct endpoints tracked at once (bits in an entry's mask).
+pub const MAX_ENDPOINTS: usize = 128;
+
+/// An endpoint's slot in the index, valid until the next [`PrefixIndex::resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointSlot(u8);
+
+impl EndpointSlot {
+    fn bit(self) -> u128 {
+        1u128 << self.0
+    }
+}
+
+/// Bookkeeping for one slot.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key_hash: u64,
+    last_seen: u64,
+}
+
+/// Block hash → endpoints it was routed to, bounded to `capacity` blocks.
+#[derive(Debug, Clone)]
+pub struct PrefixIndex {
+    young: HashMap<u64, u128, FixedState>,
+    old: HashMap<u64, u128, FixedState>,
+    generation: usize,
+    slots: Vec<Slot>,
+    slot_of: HashMap<u64, u8, FixedState>,
+    clock: u64,
+}
+
+impl PrefixIndex {
+    /// An empty index holding at most `capacity` blocks (at least 2); `seed`
+    /// keys its hash tables.
+    pub fn new(capacity: usize, seed: u64) -> Self {
+        let generation = (capacity / 2).max(1);
+        let state = FixedState::with_seed(seed);
+        PrefixIndex {
+            // Tables grow on demand: a lightly used pool should not pay for the bound.
+            young: HashMap::with_hasher(state.clone()),
+            old: HashMap::with_hasher(state.clone()),
+            generation,
+            slots: Vec::new(),
+            slot_of: HashMap::with_hasher(state),
+            clock: 0,
+        }
+    }
+
+    /// Blocks currently remembered (never more than the capacity).
+    pub fn len(&self) -> usize {
+        self.young.len() + self.old.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Most blocks the index holds.
+    pub fn capacity(&self) -> usize {
+        self.generation * 2
+    }
+
+    /// Slots for `keys`, in order, into `out` (`None` for a key beyond
+    /// [`MAX_ENDPOINTS`] in one call, which then never matches).
+    pub fn resolve<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a str>,
+        out: &mut Vec<Option<EndpointSlot>>,
+    ) {
+        self.clock += 1;
+        out.clear();
+        for key in keys {
+            let slot = self.slot_for(stable_hash(key));
+            out.push(slot);
+        }
+    }
+
+    fn slot_for(&mut self, key_hash: u64) -> Option<EndpointSlot> {
+        if let Some(&s) = self.slot_of.get(&key_hash) {
+            self.slots[usize::from(s)].last_seen = self.clock;
+            return Some(EndpointSlot(s));
+        }
+        if self.slots.len() < MAX_ENDPOINTS {
+            let s = self.slots.len() as u8;
+            self.slots.push(Slot {
+                key_hash,
+                last_seen: self.clock,
+            });
+            self.slot_of.insert(key_hash, s);
+            return Some(EndpointSlot(s));
+        }
+        // Recycle the slot seen least recently, unless every slot is in this very call.
+        let (s, oldest) = self
+            .slots
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, slot)| slot.last_seen)
+            .map(|(i, slot)| (i as u8, *slot))?;
+        if oldest.last_seen == self.clock {
+            return None;
+        }
+        self.slot_of.remove(&oldest.key_hash);
+        let clear = !EndpointSlot(s).bit();
+        for map in [&mut self.young, &mut self.old] {
+            map.retain(|_, mask| {
+                *mask &= clear;
+                *mask != 0
+            });
+        }
+        self.slots[usize::from(s)] = Slot {
+            key_hash,
+            last_seen: self.clock,
+        };
+        self.slot_of.insert(key_hash, s);
+        Some(EndpointSlot(s))
+    }
+
+    /// Endpoints remembered for one block.
+    fn mask(&self, key: u64) -> u128 {
+        match self.young.get(&key) {
+            Some(&m) => m,
+            None => self.old.get(&key).copied().unwrap_or(0),
+        }
+    }
+
+    /// For each of `slots`, the number of leading `blocks` believed cached
+    /// there, into `out`. `scope` is 0 or a tenant's scope (see [`scope_of`]).
+    pub fn match_lengths(
+        &self,
+        blocks: &[BlockHash],
+        scope: u64,
+        slots: &[Option<EndpointSlot>],
+        out: &mut Vec<u32>,
+    ) {
+        out.clear();
+        out.resize(slots.len(), 0);
+        let mut remaining = slots.iter().flatten().fold(0u128, |m, s| m | s.bit());
+        let mut hi = blocks.len();
+        // Each round finds the deepest block any remaining endpoint holds;
+        // those endpoints match up to it, the rest match less deep.
+        while remaining != 0 && hi > 0 {
+            let holds = |i: usize| self.mask(blocks[i] ^ scope) & remaining;
+            if holds(0) == 0 {
+                break;
+            }
+            let (mut lo, mut h) = (0, hi);
+            while h - lo > 1 {
+                let mid = lo + (h - lo) / 2;
+                if holds(mid) != 0 {
+                    lo = mid;
+                } else {
+                    h = mid;
+                }
+            }
+            let found = holds(lo);
+            for (i, s) in slots.iter().enumerate() {
+                if let Some(s) = s
+                    && found & s.bit() != 0
+                {
+                    out[i] = (lo + 1) as u32;
+                }
+            }
+            remaining &= !found;
+            hi = lo;
+        }
+    }
+
+    /// Records that `blocks` were routed to `slot`.
+    pub fn record(&mut self, blocks: &[BlockHash], scope: u64, slot: EndpointSlot) {
+        let bit = slot.bit();
+        // Deepest block first: if a generation turns over mid-prompt, the
+        // leading blocks (which every longer match needs) land in the young map.
+        for &b in blocks.iter().rev() {
+            let key = b ^ scope;
+            if let Some(m) = self.young.get_mut(&key) {
+                *m |= bit;
+                continue;
+            }
+            if self.young.len() >= self.generation {
+                // The old generation has not been touched for a whole generation: drop it.
+                std::mem::swap(&mut self.young, &mut self.old);
+                self.young.clear();
+            }
+            let carried = self.old.remove(&key).unwrap_or(0);
+            self.young.insert(key, carried | bit);
+        }
+    }
+
+    /// Forgets everything (endpoint slots included).
+    pub fn clear(&mut self) {
+        self.young.clear();
+        self.old.clear();
+        self.slots.clear();
+        self.slot_of.clear();
+    }
+}
+
+/// The scope value for `tenant` (mixed into keys so tenants never share entries).
+pub fn scope_of(tenant: &str) -> u64 {
+    // Never 0, which means "unscoped".
+    super::load::mix64(stable_hash(tenant)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chain(seed: u64, n: usize) -> Vec<u64> {
+        (0..n as u64)
+            .map(|i| super::super::load::mix64(seed * 1_000_003 + i))
+            .collect()
+    }
+
+    fn slots(idx: &mut PrefixIndex, keys: &[&str]) -> Vec<Option<EndpointSlot>> {
+        let mut out = Vec::new();
+        idx.resolve(keys.iter().copied(), &mut out);
+        out
+    }
+
+    #[test]
+    fn longest_match_per_endpoint() {
+        let mut idx = PrefixIndex::new(4096, 1);
+        let s = slots(&mut idx, &["a", "b", "c"]);
+        let p = chain(1, 64);
+        idx.record(&p[..40], 0, s[0].unwrap());
+        idx.record(&p[..10], 0, s[1].unwrap());
+        let mut out = Vec::new();
+        idx.match_lengths(&p, 0, &s, &mut out);
+        assert_eq!(out, vec![40, 10, 0]);
+        idx.match_lengths(&p[..5], 0, &s, &mut out);
+        assert_eq!(out, vec![5, 5, 0]);
+        idx.match_lengths(&chain(2, 64), 0, &s, &mut out);
+        assert_eq!(out, vec![0, 0, 0]);
+        // A different scope sees nothing.
+        idx.match_lengths(&p, scope_of("other"), &s, &mut out);
+        assert_eq!(out, vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn old_generation_is_evicted_and_used_entries_survive() {
+        let mut idx = PrefixIndex::new(100, 1);
+        let s = slots(&mut idx, &["a"]);
+        let hot = chain(0, 10);
+        idx.record(&hot, 0, s[0].unwrap());
+        for round in 1..50 {
+            idx.record(&chain(round, 10), 0, s[0].unwrap());
+            // The hot prefix is routed again now and then.
+            if round % 3 == 0 {
+                idx.record(&hot, 0, s[0].unwrap());
+            }
+            assert!(idx.len() <= idx.capacity());
+        }
+        let mut out = Vec::new();
+        idx.match_lengths(&hot, 0, &s, &mut out);
+        assert_eq!(out, vec![10]);
+        idx.match_lengths(&chain(1, 10), 0, &s, &mut out);
+        assert_eq!(out, vec![0], "a cold prefix was never evicted");
+    }
+
+    #[test]
+    fn recycled_slots_forget_their_blocks() {
+        let mut idx = PrefixIndex::new(1 << 16, 1);
+        let names: Vec<String> = (0..MAX_ENDPOINTS + 1).map(|i| format!("ep{i}")).collect();
+        let p = chain(9, 8);
+        let first = slots(&mut idx, &[names[0].as_str()]);
+        idx.record(&p, 0, first[0].unwrap());
+        for n in &names[1..] {
+            let s = slots(&mut idx, &[n.as_str()]);
+            assert!(s[0].is_some());
+        }
+        // ep0's slot went to the newest endpoint, which must not inherit ep0's blocks.
+        let newest = slots(&mut idx, &[names[MAX_ENDPOINTS].as_str()]);
+        assert_eq!(newest[0], first[0]);
+        let mut out = Vec::new();
+        idx.match_lengths(&p, 0, &newest, &mut out);
+        assert_eq!(out, vec![0]);
+        // More endpoints in one call than slots: the extras get none.
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let all = slots(&mut idx, &refs);
+        assert_eq!(all.iter().filter(|s| s.is_none()).count(), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn size_stays_bounded(
+            cap in 2usize..300,
+            prompts in proptest::collection::vec((0u64..50, 0usize..40, 0usize..6), 1..200),
+        ) {
+            let mut idx = PrefixIndex::new(cap, 3);
+            let keys = ["a", "b", "c", "d", "e", "f"];
+            let s = slots(&mut idx, &keys);
+            for (seed, len, ep) in prompts {
+                idx.record(&chain(seed, len), 0, s[ep].unwrap());
+                prop_assert!(idx.len() <= idx.capacity());
+                prop_assert!(idx.capacity() <= cap.max(2));
+            }
+        }
+
+        #[test]
+        fn a_recorded_prompt_matches_in_full(
+            seeds in proptest::collection::vec(0u64..1000, 1..20),
+            len in 1usize..300,
+        ) {
+            let mut idx = PrefixIndex::new(1 << 16, 5);
+            let s = slots(&mut idx, &["a", "b"]);
+            for seed in &seeds {
+                idx.record(&chain(*seed, len), 0, s[0].unwrap());
+            }
+            let last = chain(*seeds.last().unwrap(), len);
+            let mut out = Vec::new();
+            idx.match_lengths(&last, 0, &s, &mut out);
+            prop_assert_eq!(out, vec![len as u32, 0]);
+        }
+    }
+}
