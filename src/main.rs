@@ -19,12 +19,15 @@ struct Cli {
 enum Command {
     /// KV-cache capacity worksheet for a model on a GPU.
     Plan(plan::PlanArgs),
+    /// Generate synthetic workloads, import public traces, inspect workloads.
+    Workload(sluice_bench::cli::WorkloadArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
+        Command::Workload(args) => sluice_bench::cli::run_workload(args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("sluice: error: {e:#}");

@@ -1,1 +1,14 @@
 //! Load generator, workloads, A/B harness and reports.
+//!
+//! Talks to the proxy and the simulated replicas only over HTTP; starts them
+//! as child processes of the running `sluice` executable when an experiment
+//! needs a fleet.
+
+pub mod cli;
+pub mod error;
+pub mod loadgen;
+pub mod metrics;
+pub mod stats;
+pub mod workload;
+
+pub use error::{BenchError, Result};
