@@ -20,6 +20,11 @@
 //!   not used for a whole generation) is dropped and the young one becomes
 //!   old. That is least-recently-used eviction at the granularity of half the
 //!   capacity, with O(1) work per block and no eviction scans or latency spikes.
+//! - **Sampled blocks.** Only the leading 32 blocks, then 16 evenly spaced
+//!   blocks per doubling of the prompt length (and a prompt's last block) are
+//!   indexed: a 4k-token prompt costs 81 entries instead of 256, and match
+//!   lengths stay within 1/16 of the truth. Chained hashes make this sound: a
+//!   sampled block matches only if every block before it does.
 //! - **Longest match by binary search.** Block hashes are chained, so an
 //!   endpoint that was sent block `i` was also sent blocks `0..i`: the match
 //!   length is found in O(log n) lookups per distinct match depth instead of
@@ -46,6 +51,69 @@ pub struct EndpointSlot(u8);
 impl EndpointSlot {
     fn bit(self) -> u128 {
         1u128 << self.0
+    }
+}
+
+/// Leading blocks that are all indexed.
+const DENSE: usize = 32;
+/// Indexed blocks per doubling of the prompt beyond [`DENSE`].
+const PER_OCTAVE: usize = 16;
+
+/// Position of the `k`-th block of the sampling grid.
+fn grid_position(k: usize) -> usize {
+    if k < DENSE {
+        return k;
+    }
+    let j = k - DENSE;
+    let octave = (j / PER_OCTAVE) as u32;
+    let step = (DENSE / PER_OCTAVE) << octave;
+    (DENSE << octave) + (j % PER_OCTAVE) * step
+}
+
+/// The indexed positions of an `n`-block prompt: the grid below `n`, then `n - 1`.
+#[derive(Debug, Clone, Copy)]
+struct Samples {
+    grid: usize,
+    len: usize,
+    last: usize,
+}
+
+impl Samples {
+    fn of(n: usize) -> Samples {
+        if n == 0 {
+            return Samples {
+                grid: 0,
+                len: 0,
+                last: 0,
+            };
+        }
+        let mut grid = n.min(DENSE);
+        if n > DENSE {
+            let mut k = DENSE;
+            // At most one octave per bit of `n`: cheap.
+            while grid_position(k + PER_OCTAVE - 1) < n {
+                k += PER_OCTAVE;
+            }
+            while grid_position(k) < n {
+                k += 1;
+            }
+            grid = k;
+        }
+        let last = n - 1;
+        let on_grid = grid_position(grid - 1) == last;
+        Samples {
+            grid,
+            len: grid + usize::from(!on_grid),
+            last,
+        }
+    }
+
+    fn position(&self, k: usize) -> usize {
+        if k < self.grid {
+            grid_position(k)
+        } else {
+            self.last
+        }
     }
 }
 
@@ -174,11 +242,12 @@ impl PrefixIndex {
         out.clear();
         out.resize(slots.len(), 0);
         let mut remaining = slots.iter().flatten().fold(0u128, |m, s| m | s.bit());
-        let mut hi = blocks.len();
-        // Each round finds the deepest block any remaining endpoint holds;
+        let samples = Samples::of(blocks.len());
+        let mut hi = samples.len;
+        // Each round finds the deepest sample any remaining endpoint holds;
         // those endpoints match up to it, the rest match less deep.
         while remaining != 0 && hi > 0 {
-            let holds = |i: usize| self.mask(blocks[i] ^ scope) & remaining;
+            let holds = |k: usize| self.mask(blocks[samples.position(k)] ^ scope) & remaining;
             if holds(0) == 0 {
                 break;
             }
@@ -196,7 +265,7 @@ impl PrefixIndex {
                 if let Some(s) = s
                     && found & s.bit() != 0
                 {
-                    out[i] = (lo + 1) as u32;
+                    out[i] = (samples.position(lo) + 1) as u32;
                 }
             }
             remaining &= !found;
@@ -207,10 +276,11 @@ impl PrefixIndex {
     /// Records that `blocks` were routed to `slot`.
     pub fn record(&mut self, blocks: &[BlockHash], scope: u64, slot: EndpointSlot) {
         let bit = slot.bit();
+        let samples = Samples::of(blocks.len());
         // Deepest block first: if a generation turns over mid-prompt, the
         // leading blocks (which every longer match needs) land in the young map.
-        for &b in blocks.iter().rev() {
-            let key = b ^ scope;
+        for k in (0..samples.len).rev() {
+            let key = blocks[samples.position(k)] ^ scope;
             if let Some(m) = self.young.get_mut(&key) {
                 *m |= bit;
                 continue;
@@ -262,13 +332,19 @@ mod tests {
         let mut idx = PrefixIndex::new(4096, 1);
         let s = slots(&mut idx, &["a", "b", "c"]);
         let p = chain(1, 64);
-        idx.record(&p[..40], 0, s[0].unwrap());
+        idx.record(&p[..39], 0, s[0].unwrap());
         idx.record(&p[..10], 0, s[1].unwrap());
         let mut out = Vec::new();
         idx.match_lengths(&p, 0, &s, &mut out);
-        assert_eq!(out, vec![40, 10, 0]);
+        assert_eq!(out, vec![39, 10, 0]);
+        // Off the sampling grid the match is rounded down to a sampled block.
+        idx.record(&p[..40], 0, s[2].unwrap());
+        idx.match_lengths(&p, 0, &s, &mut out);
+        assert_eq!(out, vec![39, 10, 39]);
+        idx.match_lengths(&p[..40], 0, &s, &mut out);
+        assert_eq!(out, vec![39, 10, 40]);
         idx.match_lengths(&p[..5], 0, &s, &mut out);
-        assert_eq!(out, vec![5, 5, 0]);
+        assert_eq!(out, vec![5, 5, 5]);
         idx.match_lengths(&chain(2, 64), 0, &s, &mut out);
         assert_eq!(out, vec![0, 0, 0]);
         // A different scope sees nothing.
@@ -320,7 +396,33 @@ mod tests {
         assert_eq!(all.iter().filter(|s| s.is_none()).count(), 1);
     }
 
+    #[test]
+    fn sampling_grid() {
+        let firsts: Vec<usize> = (30..36).map(grid_position).collect();
+        assert_eq!(firsts, vec![30, 31, 32, 34, 36, 38]);
+        assert_eq!(grid_position(DENSE + PER_OCTAVE), 64);
+        assert_eq!(grid_position(DENSE + 2 * PER_OCTAVE), 128);
+        // 256 blocks: 32 dense + 3 octaves of 16 + the last block.
+        assert_eq!(Samples::of(256).len, 81);
+        assert_eq!(Samples::of(0).len, 0);
+        assert_eq!(Samples::of(1).len, 1);
+        assert_eq!(Samples::of(33).len, 33);
+        assert_eq!(Samples::of(34).len, 34);
+        assert_eq!(Samples::of(35).len, 34);
+    }
+
     proptest! {
+        #[test]
+        fn samples_are_increasing_and_end_at_the_last_block(n in 1usize..5000) {
+            let s = Samples::of(n);
+            let pos: Vec<usize> = (0..s.len).map(|k| s.position(k)).collect();
+            prop_assert!(pos.windows(2).all(|w| w[0] < w[1]));
+            prop_assert_eq!(pos[0], 0);
+            prop_assert_eq!(*pos.last().unwrap(), n - 1);
+            // Gaps never exceed 1/16 of the position.
+            prop_assert!(pos.windows(2).all(|w| w[1] - w[0] <= (w[0] / PER_OCTAVE).max(1)));
+        }
+
         #[test]
         fn size_stays_bounded(
             cap in 2usize..300,
