@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// KV-cache capacity worksheet for a model on a GPU.
     Plan(plan::PlanArgs),
+    /// One simulated vLLM replica (OpenAI API, SSE, vLLM /metrics, fault injection).
+    Sim(sluice_enginesim::cli::SimArgs),
     /// Generate synthetic workloads, import public traces, inspect workloads.
     Workload(sluice_bench::cli::WorkloadArgs),
 }
@@ -27,6 +29,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
+        Command::Sim(args) => sluice_enginesim::cli::run(args).map_err(Into::into),
         Command::Workload(args) => sluice_bench::cli::run_workload(args).map_err(Into::into),
     };
     if let Err(e) = result {
