@@ -23,6 +23,8 @@ enum Command {
     Sim(sluice_enginesim::cli::SimArgs),
     /// Generate synthetic workloads, import public traces, inspect workloads.
     Workload(sluice_bench::cli::WorkloadArgs),
+    /// Load generator against any OpenAI-compatible URL (vLLM serving-benchmark metrics).
+    Bench(sluice_bench::cli::BenchArgs),
 }
 
 fn main() {
@@ -31,6 +33,7 @@ fn main() {
         Command::Plan(args) => plan::run(args),
         Command::Sim(args) => sluice_enginesim::cli::run(args).map_err(Into::into),
         Command::Workload(args) => sluice_bench::cli::run_workload(args).map_err(Into::into),
+        Command::Bench(args) => sluice_bench::cli::run_bench(args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("sluice: error: {e:#}");

@@ -4,7 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+use std::time::Duration;
+
 use crate::error::{BenchError, Result};
+use crate::loadgen::output::{format_summary, write_results};
+use crate::loadgen::{ApiClient, LoadConfig, LoadMode, run_load};
+use crate::metrics::{Slo, summarize};
 use crate::workload::import::{ImportOptions, TraceFormat, import};
 use crate::workload::inspect::inspect;
 use crate::workload::synth::{Api, SynthSpec, generate};
@@ -173,4 +178,140 @@ pub fn run_workload(args: WorkloadArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `sluice bench`: drive a workload against an OpenAI-compatible URL.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Base URL of the target (proxy or engine), e.g. http://127.0.0.1:8000.
+    #[arg(long)]
+    pub target: String,
+    /// The JSONL workload.
+    #[arg(long)]
+    pub workload: PathBuf,
+    /// Open loop at this many requests/s (gamma arrivals); default: the workload's own arrival times.
+    #[arg(long, conflicts_with = "concurrency")]
+    pub rate: Option<f64>,
+    /// Gamma shape of drawn arrivals (1 = Poisson, lower = burstier), as vLLM's --burstiness.
+    #[arg(long, default_value_t = 1.0)]
+    pub burstiness: f64,
+    /// Open loop: cap on requests in flight.
+    #[arg(long, conflicts_with = "concurrency")]
+    pub max_concurrency: Option<usize>,
+    /// Closed loop with this many concurrent users (arrival times ignored).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Number of requests (the workload is cycled if shorter).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Stop sending after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Multiply the workload's arrival offsets (0.5 = twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Served model name (default: the first of /v1/models).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// API key sent as a bearer token.
+    #[arg(long, env = "SLUICE_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Goodput SLOs in ms, e.g. ttft=500,tpot=50 (also e2el).
+    #[arg(long)]
+    pub slo: Option<String>,
+    /// Seed for drawn arrivals.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Bound on one request in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub request_timeout: f64,
+    /// Results directory (records.jsonl/csv, summary.json/csv).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(BenchError::invalid(
+            "flags",
+            format!("{flag} must be > 0 seconds"),
+        ))
+    }
+}
+
+/// A multi-threaded runtime for the async commands.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::io("tokio runtime", e))
+}
+
+/// A stop signal that turns true on Ctrl-C.
+pub fn ctrl_c_stop() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("sluice: interrupted; stopping and writing results");
+            let _ = tx.send(true);
+        }
+        // Keep the sender alive so receivers never see a closed channel as a stop.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+/// Runs `sluice bench ...`.
+pub fn run_bench(args: BenchArgs) -> Result<()> {
+    let slo = match &args.slo {
+        Some(s) => Slo::parse(s).map_err(|m| BenchError::invalid("--slo", m))?,
+        None => Slo::default(),
+    };
+    let mode = match args.concurrency {
+        Some(concurrency) => LoadMode::Closed { concurrency },
+        None => LoadMode::Open {
+            rate: args.rate,
+            burstiness: args.burstiness,
+            max_concurrency: args.max_concurrency,
+        },
+    };
+    let cfg = LoadConfig {
+        mode,
+        requests: args.requests,
+        duration: args.duration.map(|d| secs("--duration", d)).transpose()?,
+        time_scale: args.time_scale,
+        seed: args.seed,
+        request_timeout: secs("--request-timeout", args.request_timeout)?,
+        progress: !args.quiet,
+    };
+    let workload = read_workload(&args.workload)?;
+    runtime()?.block_on(async move {
+        let stop = ctrl_c_stop();
+        let client =
+            ApiClient::connect(&args.target, args.model.clone(), args.api_key.clone()).await?;
+        let model = client.model.clone();
+        let out = run_load(client, workload, &cfg, stop).await?;
+        let summary = summarize(&out.records, out.duration_s, &slo);
+        let meta = serde_json::json!({
+            "target": args.target,
+            "model": model,
+            "workload": args.workload,
+            "mode": format!("{:?}", cfg.mode),
+            "requests": out.records.len(),
+            "interrupted": out.interrupted,
+            "slo": slo,
+        });
+        write_results(&args.out, &out.records, &summary, &meta)?;
+        print!("{}", format_summary(&summary));
+        println!("results in {}", args.out.display());
+        if out.interrupted {
+            return Err(BenchError::Interrupted);
+        }
+        Ok(())
+    })
 }

@@ -4,10 +4,13 @@
 //! as child processes of the running `sluice` executable when an experiment
 //! needs a fleet.
 
+pub mod ab;
 pub mod cli;
 pub mod error;
+pub mod fleet;
 pub mod loadgen;
 pub mod metrics;
+pub mod scrape;
 pub mod stats;
 pub mod workload;
 

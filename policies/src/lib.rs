@@ -6,6 +6,7 @@
 //! admission as they land). Time is always an argument; nothing reads a clock.
 
 pub mod capacity;
+pub mod classify;
 pub mod error;
 pub mod hardware;
 pub mod prefix;

@@ -50,6 +50,25 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// A record for `req` before it is sent.
+    pub fn for_request(
+        req: &crate::workload::WorkloadRequest,
+        id: String,
+        scheduled_s: f64,
+        prompt_tokens: u32,
+    ) -> Self {
+        RequestRecord {
+            id,
+            tenant: req.tenant.clone(),
+            class: req.class.clone(),
+            prefix_group: req.prefix_group.clone(),
+            stream: req.stream,
+            scheduled_s,
+            prompt_tokens,
+            ..Default::default()
+        }
+    }
+
     /// Inter-token latencies: gaps between successive token-bearing chunks.
     pub fn itls(&self) -> Vec<f64> {
         let Some(mut prev) = self.ttft_s else {

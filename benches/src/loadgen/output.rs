@@ -1,0 +1,170 @@
+//! Writing a run's results: per-request records (JSONL and CSV) and the summary (JSON and CSV).
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::record::RequestRecord;
+use crate::error::{BenchError, Result};
+use crate::metrics::Summary;
+
+/// File names inside a results directory.
+pub const RECORDS_JSONL: &str = "records.jsonl";
+/// Per-request CSV.
+pub const RECORDS_CSV: &str = "records.csv";
+/// Summary JSON.
+pub const SUMMARY_JSON: &str = "summary.json";
+/// Summary CSV (`metric,value`).
+pub const SUMMARY_CSV: &str = "summary.csv";
+
+#[derive(Serialize)]
+struct CsvRow<'a> {
+    id: &'a str,
+    tenant: &'a str,
+    class: &'a str,
+    prefix_group: &'a str,
+    stream: bool,
+    scheduled_s: f64,
+    start_s: f64,
+    ttft_ms: Option<f64>,
+    tpot_ms: Option<f64>,
+    mean_itl_ms: Option<f64>,
+    latency_ms: f64,
+    prompt_tokens: u32,
+    output_tokens: u32,
+    cached_tokens: Option<u32>,
+    status: u16,
+    success: bool,
+    error: &'a str,
+    request_id: &'a str,
+}
+
+fn csv_err(path: &Path, e: csv::Error) -> BenchError {
+    BenchError::io(path, std::io::Error::other(e.to_string()))
+}
+
+/// Writes records, summary and `meta` (run parameters) into `dir`.
+pub fn write_results(
+    dir: &Path,
+    records: &[RequestRecord],
+    summary: &Summary,
+    meta: &serde_json::Value,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
+    let path = dir.join(RECORDS_JSONL);
+    let mut w = BufWriter::new(std::fs::File::create(&path).map_err(|e| BenchError::io(&path, e))?);
+    for r in records {
+        serde_json::to_writer(&mut w, r)?;
+        w.write_all(b"\n").map_err(|e| BenchError::io(&path, e))?;
+    }
+    w.flush().map_err(|e| BenchError::io(&path, e))?;
+
+    let path = dir.join(RECORDS_CSV);
+    let mut c = csv::Writer::from_path(&path).map_err(|e| csv_err(&path, e))?;
+    for r in records {
+        let itls = r.itls();
+        c.serialize(CsvRow {
+            id: &r.id,
+            tenant: &r.tenant,
+            class: r.class.as_deref().unwrap_or(""),
+            prefix_group: r.prefix_group.as_deref().unwrap_or(""),
+            stream: r.stream,
+            scheduled_s: r.scheduled_s,
+            start_s: r.start_s,
+            ttft_ms: r.ttft_s.map(|t| t * 1000.0),
+            tpot_ms: r.tpot_s().map(|t| t * 1000.0),
+            mean_itl_ms: (!itls.is_empty())
+                .then(|| itls.iter().sum::<f64>() / itls.len() as f64 * 1000.0),
+            latency_ms: r.latency_s * 1000.0,
+            prompt_tokens: r.prompt_tokens,
+            output_tokens: r.output_tokens,
+            cached_tokens: r.cached_tokens,
+            status: r.status,
+            success: r.success,
+            error: r.error.as_deref().unwrap_or(""),
+            request_id: r.request_id.as_deref().unwrap_or(""),
+        })
+        .map_err(|e| csv_err(&path, e))?;
+    }
+    c.flush().map_err(|e| BenchError::io(&path, e))?;
+
+    let path = dir.join(SUMMARY_JSON);
+    let mut flat = serde_json::Map::new();
+    for (k, v) in summary.flat() {
+        flat.insert(k, serde_json::json!(v));
+    }
+    let doc = serde_json::json!({ "meta": meta, "metrics": flat, "summary": summary });
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)
+        .map_err(|e| BenchError::io(&path, e))?;
+
+    let path = dir.join(SUMMARY_CSV);
+    let mut c = csv::Writer::from_path(&path).map_err(|e| csv_err(&path, e))?;
+    c.write_record(["metric", "value"])
+        .map_err(|e| csv_err(&path, e))?;
+    for (k, v) in summary.flat() {
+        c.write_record([k, format!("{v}")])
+            .map_err(|e| csv_err(&path, e))?;
+    }
+    c.flush().map_err(|e| BenchError::io(&path, e))
+}
+
+/// Reads the per-request records written by [`write_results`].
+pub fn read_records(dir: &Path) -> Result<Vec<RequestRecord>> {
+    let path = dir.join(RECORDS_JSONL);
+    let text = std::fs::read_to_string(&path).map_err(|e| BenchError::io(&path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| BenchError::Parse {
+                path: path.clone(),
+                line: Some(i + 1),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// A human-readable summary in the layout of vLLM's benchmark output.
+pub fn format_summary(s: &Summary) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<40}{v:>12}\n"));
+    line("Successful requests:", s.completed.to_string());
+    line("Failed requests:", s.failed.to_string());
+    line("Benchmark duration (s):", format!("{:.2}", s.duration_s));
+    line("Total input tokens:", s.total_input_tokens.to_string());
+    line("Total generated tokens:", s.total_output_tokens.to_string());
+    line(
+        "Request throughput (req/s):",
+        format!("{:.2}", s.request_throughput),
+    );
+    if let Some(g) = s.request_goodput {
+        line("Request goodput (req/s):", format!("{g:.2}"));
+    }
+    line(
+        "Output token throughput (tok/s):",
+        format!("{:.2}", s.output_throughput),
+    );
+    line(
+        "Total token throughput (tok/s):",
+        format!("{:.2}", s.total_token_throughput),
+    );
+    if let Some(c) = s.cached_token_fraction {
+        line("Cached prompt tokens (%):", format!("{:.1}", c * 100.0));
+    }
+    for (name, st) in [
+        ("TTFT", &s.ttft),
+        ("TPOT", &s.tpot),
+        ("ITL", &s.itl),
+        ("E2EL", &s.e2el),
+    ] {
+        line(&format!("Mean {name} (ms):"), format!("{:.2}", st.mean_ms));
+        line(
+            &format!("Median {name} (ms):"),
+            format!("{:.2}", st.median_ms),
+        );
+        line(&format!("P99 {name} (ms):"), format!("{:.2}", st.p99_ms));
+    }
+    out
+}

@@ -1,0 +1,177 @@
+//! The admin listener: `/metrics`, `/healthz` (the process is up),
+//! `/readyz` (every pool has a replica to send to) and `/admin/state`
+//! (a read-only JSON view of pools and endpoints). Nothing here changes state.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use serde::Serialize;
+
+use crate::config::describe_routing;
+use crate::endpoint::EndpointSnapshot;
+use crate::state::Shared;
+
+/// The admin listener's app.
+pub struct Admin {
+    shared: Arc<Shared>,
+}
+
+impl Admin {
+    /// An admin app over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[derive(Serialize)]
+struct StateView {
+    generation: u64,
+    config_path: Option<String>,
+    pools: Vec<PoolView>,
+}
+
+#[derive(Serialize)]
+struct PoolView {
+    name: String,
+    model: String,
+    routing: String,
+    router_state_entries: usize,
+    routable_endpoints: usize,
+    endpoints: Vec<EndpointSnapshot>,
+}
+
+impl Admin {
+    fn state(&self) -> StateView {
+        let g = self.shared.current();
+        let now = Instant::now();
+        StateView {
+            generation: g.id,
+            config_path: self
+                .shared
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            pools: g
+                .pools
+                .iter()
+                .map(|p| {
+                    let eps = p.endpoints();
+                    PoolView {
+                        name: p.name().to_string(),
+                        model: p.cfg.model.clone(),
+                        routing: describe_routing(&p.cfg.routing),
+                        router_state_entries: p.router_state_size(),
+                        routable_endpoints: eps.iter().filter(|e| e.is_routable(now)).count(),
+                        endpoints: eps
+                            .iter()
+                            .map(|e| e.snapshot(now, p.stale_after()))
+                            .collect(),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Refreshes gauges that are cheaper to compute at scrape time than to keep current.
+    fn refresh_gauges(&self) {
+        let g = self.shared.current();
+        let now = Instant::now();
+        let m = &self.shared.metrics;
+        for p in &g.pools {
+            m.prefix_index_entries
+                .with_label_values(&[p.name()])
+                .set(i64::try_from(p.router_state_size()).unwrap_or(i64::MAX));
+            for e in p.endpoints().iter() {
+                let labels = [p.name(), e.key.as_str()];
+                m.upstream_healthy
+                    .with_label_values(&labels)
+                    .set(i64::from(e.is_healthy()));
+                m.upstream_ejected
+                    .with_label_values(&labels)
+                    .set(i64::from(e.is_ejected(now)));
+                m.upstream_in_flight
+                    .with_label_values(&labels)
+                    .set(i64::from(e.in_flight()));
+                m.scrape_age
+                    .with_label_values(&labels)
+                    .set(e.scrape_age(now).map_or(-1.0, |d| d.as_secs_f64()));
+            }
+        }
+    }
+
+    fn ready(&self) -> (bool, String) {
+        let g = self.shared.current();
+        let now = Instant::now();
+        let missing: Vec<&str> = g
+            .pools
+            .iter()
+            .filter(|p| !p.has_routable(now))
+            .map(|p| p.name())
+            .collect();
+        if missing.is_empty() {
+            (true, "ready\n".into())
+        } else {
+            (
+                false,
+                format!("no routable endpoint in pool(s): {}\n", missing.join(", ")),
+            )
+        }
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Admin {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !matches!(session.read_request().await, Ok(true)) {
+            return None;
+        }
+        let path = session.req_header().uri.path().to_string();
+        let get = session.req_header().method == "GET";
+        let (status, ctype, body): (u16, &str, Vec<u8>) = match (get, path.as_str()) {
+            (true, "/metrics") => {
+                self.refresh_gauges();
+                (
+                    200,
+                    "text/plain; version=0.0.4",
+                    self.shared.metrics.render(),
+                )
+            }
+            (true, "/healthz") => (200, "text/plain", b"ok\n".to_vec()),
+            (true, "/readyz") => {
+                let (ok, msg) = self.ready();
+                (if ok { 200 } else { 503 }, "text/plain", msg.into_bytes())
+            }
+            (true, "/admin/state") => (
+                200,
+                "application/json",
+                serde_json::to_vec_pretty(&self.state()).unwrap_or_default(),
+            ),
+            (false, _) => (405, "text/plain", b"method not allowed\n".to_vec()),
+            _ => (404, "text/plain", b"not found\n".to_vec()),
+        };
+        let mut h = ResponseHeader::build(status, Some(2)).ok()?;
+        h.insert_header("content-type", ctype).ok()?;
+        h.insert_header("content-length", body.len().to_string())
+            .ok()?;
+        session.write_response_header(Box::new(h)).await.ok()?;
+        session
+            .write_response_body(Bytes::from(body), true)
+            .await
+            .ok()?;
+        let persistent = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(s)) => Some(ReusedHttpStream::from_reusable_stream(s, persistent)),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,587 @@
+//! Forwarding one LLM request to a replica and relaying the answer.
+//!
+//! The body was already read (routing needs it), so the proxy writes it
+//! upstream itself over Pingora's pooled connector rather than through
+//! pingora-proxy, whose body replay stops at 64 KiB. The response is relayed
+//! as it arrives; streams are split into SSE events so each is timestamped
+//! and the final `usage` read. Every wait is bounded (connect, first token,
+//! idle gap, total). Retries go to another replica, only before anything
+//! reached the client. When the client goes away the upstream connection is
+//! dropped, not pooled, so the engine sees the close and frees its KV cache.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use pingora::connectors::http::v1::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::v1::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use sluice_policies::routing::RouteRequest;
+
+use crate::config::Limits;
+use crate::endpoint::Endpoint;
+use crate::error::ProxyError;
+use crate::lifecycle::{Clock, Record};
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::sse::{self, Splitter, Usage};
+
+/// Largest non-streaming response body copied aside to read its `usage`.
+const MAX_USAGE_SCAN_BYTES: usize = 1 << 20;
+/// Largest single SSE event buffered before it is passed on unsplit.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+/// How long an idle upstream connection stays in the pool.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// Request headers that describe one hop, not the request (RFC 9110 §7.6.1),
+/// plus the ones the proxy sets itself.
+const SKIP_REQUEST_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "expect",
+    "x-request-id",
+];
+
+/// Response headers not relayed (framing headers are kept: Pingora frames the
+/// downstream body from them).
+const SKIP_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "trailer",
+    "upgrade",
+    "x-request-id",
+];
+
+/// Everything one forward needs.
+pub struct Forward<'a> {
+    /// Pooled upstream connections.
+    pub connector: &'a Connector,
+    /// Metrics to update.
+    pub metrics: &'a Metrics,
+    /// Wall-clock anchor for lifecycle timestamps.
+    pub clock: &'a Clock,
+    /// The pool chosen by classification.
+    pub pool: &'a Arc<Pool>,
+    /// Retry budget.
+    pub limits: &'a Limits,
+    /// Upstream path and query.
+    pub path: &'a str,
+    /// The client's request head (headers are copied from it).
+    pub client_head: &'a RequestHeader,
+    /// The body to send (possibly with `include_usage` added).
+    pub body: Bytes,
+    /// The client asked for a stream.
+    pub stream: bool,
+    /// The proxy added `include_usage`: hide the usage-only chunk from the client.
+    pub hide_usage_chunk: bool,
+    /// Routing facts.
+    pub route: RouteRequest<'a>,
+    /// Prompt + planned output tokens, for the in-flight token count.
+    pub load_tokens: u64,
+    /// Request id sent upstream and back.
+    pub request_id: &'a str,
+    /// When the request head was read.
+    pub arrival: Instant,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// A response was relayed; the endpoint served the request.
+    Relayed,
+    /// The replica's own 5xx was relayed unchanged: the client has its answer,
+    /// but the failure still counts against the replica.
+    RelayedFailure,
+    /// Failed before anything reached the client; another replica may be tried.
+    Retryable(Failure, ProxyError),
+    /// Failed in a way retrying cannot fix (timeout, client gone, mid-stream break).
+    Final(ProxyError, Option<Failure>),
+}
+
+/// Why an attempt failed, for passive-ejection attribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Could not connect: always the replica's fault.
+    Connect,
+    /// Connection broke or the replica answered 5xx.
+    Response,
+}
+
+impl Forward<'_> {
+    /// Runs the attempts. `Ok` means a response (possibly an upstream error)
+    /// was relayed; `Err` before anything was written means the caller sends
+    /// the error, after that the response was cut short.
+    pub async fn run(
+        &self,
+        session: &mut ServerSession,
+        rec: &mut Record,
+    ) -> Result<(), ProxyError> {
+        let total_deadline = self.arrival + Duration::from_millis(self.pool.cfg.timeouts.total_ms);
+        let mut tried: Vec<Arc<Endpoint>> = Vec::new();
+        let mut failures: Vec<(Arc<Endpoint>, Failure)> = Vec::new();
+        let mut last_error: Option<ProxyError> = None;
+        let pool_name = self.pool.name().to_string();
+        for attempt in 0..=self.limits.max_retries {
+            if attempt > 0 {
+                let backoff = Duration::from_millis(
+                    self.limits
+                        .retry_backoff_ms
+                        .saturating_mul(1 << (attempt - 1).min(10)),
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = client_gone(session) => return Err(ProxyError::ClientGone),
+                }
+                if Instant::now() >= total_deadline {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            let Some(routed) = self.pool.route(&self.route, now, &tried) else {
+                break;
+            };
+            if attempt > 0 {
+                rec.retries += 1;
+                self.metrics.retries.with_label_values(&[&pool_name]).inc();
+            }
+            let policy = self.pool.policy();
+            let reason = routed.decision.reason.as_str();
+            self.metrics
+                .decisions
+                .with_label_values(&[pool_name.as_str(), policy, reason])
+                .inc();
+            rec.routed_ms = Some(self.clock.unix_ms(Instant::now()));
+            rec.endpoint = Some(routed.endpoint.key.clone());
+            rec.policy = Some(policy);
+            rec.reason = Some(reason);
+            rec.matched_blocks = Some(routed.decision.matched_blocks);
+            if attempt == 0 {
+                self.metrics
+                    .routing_overhead
+                    .with_label_values(&[&pool_name])
+                    .observe(self.arrival.elapsed().as_secs_f64());
+            }
+            tried.push(Arc::clone(&routed.endpoint));
+            let can_retry = attempt < self.limits.max_retries;
+            let in_flight = routed.endpoint.start_request(self.load_tokens);
+            let result = self
+                .attempt(session, &routed.endpoint, can_retry, total_deadline, rec)
+                .await;
+            drop(in_flight);
+            match result {
+                Attempt::Relayed => {
+                    let now = Instant::now();
+                    // Another replica served this request, so earlier failures were theirs.
+                    for (e, _) in &failures {
+                        self.eject_if_needed(e, now);
+                    }
+                    routed.endpoint.record_success(now);
+                    return Ok(());
+                }
+                Attempt::RelayedFailure => {
+                    failures.push((Arc::clone(&routed.endpoint), Failure::Response));
+                    self.attribute_unserved(&failures);
+                    return Ok(());
+                }
+                Attempt::Retryable(kind, err) => {
+                    failures.push((Arc::clone(&routed.endpoint), kind));
+                    last_error = Some(err);
+                }
+                Attempt::Final(err, kind) => {
+                    if let Some(kind) = kind {
+                        failures.push((Arc::clone(&routed.endpoint), kind));
+                    }
+                    self.attribute_unserved(&failures);
+                    return Err(err);
+                }
+            }
+        }
+        self.attribute_unserved(&failures);
+        Err(last_error.unwrap_or(ProxyError::NoHealthyUpstream { pool: pool_name }))
+    }
+
+    /// A request no replica served: connect failures are still the replicas'
+    /// fault, but response failures seen on two or more replicas are the
+    /// request's, and eject nobody.
+    fn attribute_unserved(&self, failures: &[(Arc<Endpoint>, Failure)]) {
+        let now = Instant::now();
+        let response_failures = failures
+            .iter()
+            .filter(|(_, k)| *k == Failure::Response)
+            .count();
+        for (e, kind) in failures {
+            if *kind == Failure::Connect || response_failures < 2 {
+                self.eject_if_needed(e, now);
+            }
+        }
+    }
+
+    fn eject_if_needed(&self, e: &Endpoint, now: Instant) {
+        if self.pool.record_failure(e, now) {
+            self.metrics
+                .ejections
+                .with_label_values(&[self.pool.name()])
+                .inc();
+            tracing::warn!(pool = %self.pool.name(), endpoint = %e.key, "endpoint ejected after repeated failures");
+        }
+    }
+
+    fn upstream_head(&self, endpoint: &Endpoint) -> Result<RequestHeader, ProxyError> {
+        let internal =
+            |_| ProxyError::UpstreamFailed("could not build the upstream request".into());
+        let mut req = RequestHeader::build(
+            "POST",
+            self.path.as_bytes(),
+            Some(self.client_head.headers.len() + 3),
+        )
+        .map_err(internal)?;
+        for (name, value) in self.client_head.headers.iter() {
+            if !SKIP_REQUEST_HEADERS.contains(&name.as_str()) {
+                req.append_header(name.clone(), value.clone())
+                    .map_err(internal)?;
+            }
+        }
+        req.insert_header("host", endpoint.key.as_str())
+            .map_err(internal)?;
+        req.insert_header("content-length", self.body.len().to_string())
+            .map_err(internal)?;
+        req.insert_header("x-request-id", self.request_id)
+            .map_err(internal)?;
+        Ok(req)
+    }
+
+    /// One try against `endpoint`.
+    async fn attempt(
+        &self,
+        session: &mut ServerSession,
+        endpoint: &Arc<Endpoint>,
+        can_retry: bool,
+        total_deadline: Instant,
+        rec: &mut Record,
+    ) -> Attempt {
+        let t = self.pool.cfg.timeouts;
+        let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
+        let connect = Duration::from_millis(t.connect_ms);
+        peer.options.connection_timeout = Some(connect);
+        peer.options.total_connection_timeout = Some(connect);
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+
+        let connected = tokio::select! {
+            r = self.connector.get_http_session(&peer) => r,
+            _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
+        };
+        let (mut up, reused) = match connected {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(endpoint = %endpoint.key, error = %e, "connect failed");
+                let err = if matches!(e.etype(), pingora::ErrorType::ConnectTimedout) {
+                    ProxyError::UpstreamFailed("connect timed out".into())
+                } else {
+                    ProxyError::UpstreamFailed("could not connect to a replica".into())
+                };
+                return Attempt::Retryable(Failure::Connect, err);
+            }
+        };
+        let head = match self.upstream_head(endpoint) {
+            Ok(h) => h,
+            Err(e) => return Attempt::Final(e, None),
+        };
+        let sent = async {
+            up.write_request_header(Box::new(head)).await?;
+            up.write_body(&self.body).await?;
+            up.finish_body().await?;
+            Ok::<_, Box<pingora::Error>>(())
+        };
+        let sent = tokio::select! {
+            r = tokio::time::timeout_at(total_deadline.into(), sent) => r,
+            _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
+        };
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %endpoint.key, reused, error = %e, "send failed");
+                return Attempt::Retryable(
+                    Failure::Response,
+                    ProxyError::UpstreamFailed("the connection to the replica broke".into()),
+                );
+            }
+            Err(_) => return Attempt::Final(ProxyError::Timeout("total_timeout"), None),
+        }
+        let sent_at = Instant::now();
+        rec.upstream_sent_ms = Some(self.clock.unix_ms(sent_at));
+
+        let first_token_deadline =
+            (sent_at + Duration::from_millis(t.first_token_ms)).min(total_deadline);
+        let (head_deadline, head_timeout) = if self.stream {
+            (first_token_deadline, "first_token_timeout")
+        } else {
+            (total_deadline, "total_timeout")
+        };
+        let got_head = tokio::select! {
+            r = tokio::time::timeout_at(head_deadline.into(), up.read_response()) => r,
+            _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
+        };
+        match got_head {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %endpoint.key, reused, error = %e, "no response head");
+                return Attempt::Retryable(
+                    Failure::Response,
+                    ProxyError::UpstreamFailed(
+                        "the replica closed the connection without a response".into(),
+                    ),
+                );
+            }
+            Err(_) => return Attempt::Final(ProxyError::Timeout(head_timeout), None),
+        }
+        let Some(up_head) = up.resp_header() else {
+            return Attempt::Retryable(
+                Failure::Response,
+                ProxyError::UpstreamFailed("the replica sent no response head".into()),
+            );
+        };
+        let status = up_head.status.as_u16();
+        rec.first_byte_ms = Some(self.clock.unix_ms(Instant::now()));
+        if can_retry && (status == 502 || status == 503) {
+            // Dropping `up` closes the connection; the body is not worth draining.
+            return Attempt::Retryable(
+                Failure::Response,
+                ProxyError::UpstreamFailed(format!("the replica answered {status}")),
+            );
+        }
+        let is_sse = self.stream
+            && up_head
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
+        let resp = match self.downstream_head(up_head, is_sse && self.hide_usage_chunk) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Final(e, Some(Failure::Response)),
+        };
+        rec.status = status;
+        if session.write_response_header(Box::new(resp)).await.is_err() {
+            return Attempt::Final(ProxyError::ClientGone, None);
+        }
+        let server_error = status >= 500;
+        let outcome = self
+            .relay_body(
+                session,
+                &mut up,
+                is_sse,
+                first_token_deadline,
+                total_deadline,
+                rec,
+            )
+            .await;
+        match outcome {
+            Ok(()) => {
+                self.connector
+                    .release_http_session(up, &peer, Some(UPSTREAM_IDLE))
+                    .await;
+                if server_error {
+                    Attempt::RelayedFailure
+                } else {
+                    Attempt::Relayed
+                }
+            }
+            Err(e) => {
+                let blame = matches!(e, ProxyError::UpstreamFailed(_)).then_some(Failure::Response);
+                Attempt::Final(e, blame)
+            }
+        }
+    }
+
+    fn downstream_head(
+        &self,
+        up: &ResponseHeader,
+        rechunk: bool,
+    ) -> Result<ResponseHeader, ProxyError> {
+        let internal =
+            |_| ProxyError::UpstreamFailed("the replica sent an invalid response head".into());
+        let mut resp =
+            ResponseHeader::build(up.status, Some(up.headers.len() + 2)).map_err(internal)?;
+        for (name, value) in up.headers.iter() {
+            let n = name.as_str();
+            if SKIP_RESPONSE_HEADERS.contains(&n)
+                || (rechunk && (n == "content-length" || n == "transfer-encoding"))
+            {
+                continue;
+            }
+            resp.append_header(name.clone(), value.clone())
+                .map_err(internal)?;
+        }
+        if rechunk {
+            // A chunk is removed from the stream, so a length from upstream would be wrong.
+            resp.insert_header("transfer-encoding", "chunked")
+                .map_err(internal)?;
+        }
+        resp.insert_header("x-request-id", self.request_id)
+            .map_err(internal)?;
+        Ok(resp)
+    }
+
+    /// Relays the response body. `Err` means it was cut short (the client
+    /// already has the head; a stream gets an SSE error event first).
+    async fn relay_body(
+        &self,
+        session: &mut ServerSession,
+        up: &mut HttpSession,
+        is_sse: bool,
+        first_token_deadline: Instant,
+        total_deadline: Instant,
+        rec: &mut Record,
+    ) -> Result<(), ProxyError> {
+        let idle = Duration::from_millis(self.pool.cfg.timeouts.idle_ms);
+        let pool = self.pool.name();
+        let mut splitter = Splitter::new(MAX_EVENT_BYTES);
+        let mut events = Vec::new();
+        let mut scan = BytesMut::new();
+        let mut scan_overflow = false;
+        let mut usage: Option<Usage> = None;
+        let mut last_token: Option<Instant> = None;
+        let mut first_token: Option<Instant> = None;
+        let ttft = self.metrics.ttft.with_label_values(&[pool]);
+        let itl = self.metrics.itl.with_label_values(&[pool]);
+        loop {
+            let (deadline, what) = if is_sse && first_token.is_none() {
+                (first_token_deadline, "first_token_timeout")
+            } else {
+                let d = Instant::now() + idle;
+                if d < total_deadline {
+                    (d, "idle_timeout")
+                } else {
+                    (total_deadline, "total_timeout")
+                }
+            };
+            let read = tokio::select! {
+                biased;
+                r = tokio::time::timeout_at(deadline.into(), up.read_body_bytes()) => r,
+                _ = client_gone(session) => return Err(ProxyError::ClientGone),
+            };
+            let chunk = match read {
+                Ok(Ok(Some(c))) => c,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "upstream body broke");
+                    let err =
+                        ProxyError::UpstreamFailed("the replica closed the stream early".into());
+                    self.end_with_error(session, is_sse, &err).await;
+                    return Err(err);
+                }
+                Err(_) => {
+                    let err = ProxyError::Timeout(what);
+                    self.end_with_error(session, is_sse, &err).await;
+                    return Err(err);
+                }
+            };
+            if !is_sse {
+                if !scan_overflow {
+                    if scan.len() + chunk.len() <= MAX_USAGE_SCAN_BYTES {
+                        scan.extend_from_slice(&chunk);
+                    } else {
+                        scan_overflow = true;
+                        scan = BytesMut::new();
+                    }
+                }
+                if session.write_response_body(chunk, false).await.is_err() {
+                    return Err(ProxyError::ClientGone);
+                }
+                continue;
+            }
+            splitter.push(&chunk, &mut events);
+            for event in events.drain(..) {
+                let info = sse::inspect_event(&event);
+                if info.usage.is_some() {
+                    usage = info.usage;
+                }
+                if info.finish_reason.is_some() {
+                    rec.finish_reason = info.finish_reason.clone();
+                }
+                if info.has_token {
+                    let now = Instant::now();
+                    match last_token {
+                        None => {
+                            first_token = Some(now);
+                            rec.first_token_ms = Some(self.clock.unix_ms(now));
+                            ttft.observe(now.saturating_duration_since(self.arrival).as_secs_f64());
+                        }
+                        Some(prev) => {
+                            itl.observe(now.saturating_duration_since(prev).as_secs_f64())
+                        }
+                    }
+                    last_token = Some(now);
+                }
+                if self.hide_usage_chunk && info.usage_only {
+                    continue;
+                }
+                if session.write_response_body(event, false).await.is_err() {
+                    return Err(ProxyError::ClientGone);
+                }
+            }
+        }
+        if let Some(rest) = splitter.finish() {
+            if session.write_response_body(rest, false).await.is_err() {
+                return Err(ProxyError::ClientGone);
+            }
+        }
+        if session
+            .write_response_body(Bytes::new(), true)
+            .await
+            .is_err()
+        {
+            return Err(ProxyError::ClientGone);
+        }
+        if !is_sse && !scan_overflow {
+            let info = sse::inspect_json(&scan);
+            usage = info.usage;
+            rec.finish_reason = info.finish_reason;
+        }
+        if let Some(last) = last_token {
+            rec.last_token_ms = Some(self.clock.unix_ms(last));
+        }
+        if let Some(u) = usage {
+            rec.prompt_tokens = Some(u.prompt_tokens);
+            rec.output_tokens = Some(u.completion_tokens);
+            rec.cached_tokens = u.cached_tokens();
+        }
+        Ok(())
+    }
+
+    /// Ends a response that is already under way after a failure: a stream
+    /// gets the error as a final SSE event; a plain body is just cut off
+    /// (the missing bytes tell the client it is incomplete).
+    async fn end_with_error(&self, session: &mut ServerSession, is_sse: bool, err: &ProxyError) {
+        if is_sse {
+            let _ = session.write_response_body(err.sse_event(), false).await;
+            let _ = session.write_response_body(Bytes::new(), true).await;
+        } else {
+            session.set_keepalive(None);
+        }
+    }
+}
+
+/// Resolves when the client has closed its connection (or sent something
+/// it should not have); pending otherwise. Only valid once the request body
+/// was read completely.
+pub async fn client_gone(session: &mut ServerSession) {
+    loop {
+        match session.read_body_or_idle(true).await {
+            Err(_) => return,
+            // Idle reads return data only for a pipelined request; keep waiting.
+            Ok(_) => tokio::task::yield_now().await,
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Listeners and the process around them: bind (port 0 allowed), accept into
+//! Pingora's HTTP sessions, reload on SIGHUP, drain on SIGTERM/SIGINT.
+//!
+//! The proxy binds its own sockets (rather than using Pingora's `Server`
+//! bootstrap) so it can report the real port of a `:0` listener and run
+//! several proxies in one process (the demo and A/B harness do).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use sluice_policies::routing::{PolicyKind, RoutingConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::admin::Admin;
+use crate::api::Api;
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::state::{Overrides, Shared};
+
+/// Most client connections served at once; more wait in the kernel backlog.
+const MAX_CONNECTIONS: usize = 65_536;
+/// How long shutdown waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// `sluice serve` options.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (see fixtures/configs/sluice.toml).
+    #[arg(long, conflicts_with = "upstream")]
+    pub config: Option<PathBuf>,
+    /// A replica URL (http://IP:PORT); repeat for a one-pool setup without a file.
+    #[arg(long = "upstream", value_name = "URL")]
+    pub upstream: Vec<String>,
+    /// API listen address (overrides the file; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listen address (overrides the file; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Routing policy for every pool (round_robin, random, least_requests,
+    /// least_kv, power_of_two, prefix_affinity, cache_aware, scored).
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
+    /// Model name the --upstream pool serves (default: accept any model).
+    #[arg(long, value_name = "NAME")]
+    pub model: Option<String>,
+    /// Lifecycle log: `stdout`, `off`, or a file to append JSON lines to.
+    #[arg(long, value_name = "FILE")]
+    pub lifecycle_log: Option<String>,
+    /// Seed for randomised routing policies.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Experiment arm label written into lifecycle records.
+    #[arg(long, value_name = "NAME")]
+    pub arm: Option<String>,
+}
+
+/// `sluice check` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// The config file to validate.
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+/// Validates a config file and returns its explanation.
+pub fn check(args: &CheckArgs) -> Result<String, ProxyError> {
+    let cfg = Config::load(&args.config)?;
+    Ok(format!("{}: OK\n{}", args.config.display(), cfg.explain()))
+}
+
+impl ServeArgs {
+    /// The config these arguments describe (file or `--upstream`), with
+    /// overrides applied, plus the overrides to re-apply on reload.
+    pub fn resolve(&self) -> Result<(Config, Overrides), ProxyError> {
+        let routing = match &self.policy {
+            Some(name) => {
+                let kind: PolicyKind =
+                    name.parse().map_err(|e: sluice_policies::PolicyError| {
+                        ProxyError::Config(format!("--policy: {e}"))
+                    })?;
+                Some(RoutingConfig::with_policy(kind))
+            }
+            None => None,
+        };
+        let overrides = Overrides {
+            routing,
+            lifecycle_log: self.lifecycle_log.clone(),
+            listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+        };
+        let mut cfg = match (&self.config, self.upstream.is_empty()) {
+            (Some(path), _) => Config::load(path)?,
+            (None, false) => Config::for_upstreams(&self.upstream, self.model.as_deref())?,
+            (None, true) => {
+                return Err(ProxyError::Config(
+                    "give --config FILE or at least one --upstream URL".into(),
+                ));
+            }
+        };
+        overrides.apply(&mut cfg);
+        cfg.validate(None).map_err(ProxyError::Config)?;
+        Ok((cfg, overrides))
+    }
+}
+
+/// A running proxy inside the current Tokio runtime.
+pub struct RunningProxy {
+    /// Shared state (config generation, metrics).
+    pub shared: Arc<Shared>,
+    api_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+impl RunningProxy {
+    /// Binds both listeners and starts serving.
+    pub async fn start(args: &ServeArgs) -> Result<Self, ProxyError> {
+        let (cfg, overrides) = args.resolve()?;
+        let listen = cfg.server.listen.clone();
+        let admin_listen = cfg.server.admin_listen.clone();
+        let max_header = cfg.server.max_header_bytes;
+        let keepalive = cfg.server.keepalive_secs;
+        let api_listener = bind(&listen).await?;
+        let admin_listener = bind(&admin_listen).await?;
+        let api_addr = local(&api_listener, &listen)?;
+        let admin_addr = local(&admin_listener, &admin_listen)?;
+        let shared = Shared::new(
+            cfg,
+            args.config.clone(),
+            overrides,
+            args.seed,
+            args.arm.clone(),
+        )?;
+        let (shutdown, watch_rx) = watch::channel(false);
+        let api = Arc::new(Api::new(Arc::clone(&shared), max_header, keepalive));
+        let admin = Arc::new(Admin::new(Arc::clone(&shared)));
+        tokio::spawn(accept_loop(
+            api_listener,
+            api,
+            watch_rx.clone(),
+            Some(Arc::clone(&shared)),
+        ));
+        tokio::spawn(accept_loop(admin_listener, admin, watch_rx, None));
+        Ok(Self {
+            shared,
+            api_addr,
+            admin_addr,
+            shutdown,
+        })
+    }
+
+    /// Where the OpenAI API listens.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// Where the admin listener listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting, then waits (bounded) for requests in flight to finish.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        let until = Instant::now() + DRAIN;
+        while Instant::now() < until && self.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn in_flight(&self) -> u64 {
+        let g = self.shared.current();
+        g.pools
+            .iter()
+            .flat_map(|p| {
+                p.endpoints()
+                    .iter()
+                    .map(|e| u64::from(e.in_flight()))
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+}
+
+/// Runs `sluice serve` until SIGTERM/SIGINT: prints the listening line,
+/// reloads on SIGHUP.
+pub async fn serve(args: ServeArgs) -> Result<(), ProxyError> {
+    let proxy = RunningProxy::start(&args).await?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "sluice-proxy listening on http://{} admin http://{}",
+            proxy.api_addr(),
+            proxy.admin_addr()
+        );
+        let _ = out.flush();
+    }
+    wait_for_signals(&proxy).await?;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signals(proxy: &RunningProxy) -> Result<(), ProxyError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let sig = |k: SignalKind| {
+        signal(k).map_err(|source| ProxyError::Io {
+            context: "cannot install signal handler".into(),
+            source,
+        })
+    };
+    let mut hup = sig(SignalKind::hangup())?;
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match proxy.shared.reload() {
+                Ok(id) => tracing::info!(generation = id, "config reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "config reload rejected; the running config stays");
+                    eprintln!("sluice: reload rejected, keeping the running config: {e}");
+                }
+            },
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+    }
+}
+
+async fn bind(addr: &str) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Io {
+            context: format!("cannot listen on {addr}"),
+            source,
+        })
+}
+
+fn local(l: &TcpListener, addr: &str) -> Result<SocketAddr, ProxyError> {
+    l.local_addr().map_err(|source| ProxyError::Io {
+        context: format!("cannot read the bound address of {addr}"),
+        source,
+    })
+}
+
+async fn accept_loop<A>(
+    listener: TcpListener,
+    app: Arc<A>,
+    mut shutdown: watch::Receiver<bool>,
+    counted: Option<Arc<Shared>>,
+) where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let stream: pingora::protocols::Stream = Box::new(L4Stream::from(tcp));
+        let app = Arc::clone(&app);
+        let shutdown = shutdown.clone();
+        let counted = counted.clone();
+        tokio::spawn(async move {
+            if let Some(s) = &counted {
+                s.metrics.connections.inc();
+            }
+            let _ = app.process_new(stream, &shutdown).await;
+            if let Some(s) = &counted {
+                s.metrics.connections.dec();
+            }
+            drop(permit);
+        });
+    }
+}
