@@ -6,6 +6,7 @@
 use clap::{Parser, Subcommand};
 
 mod plan;
+mod serve;
 
 /// A request-routing proxy for LLM inference fleets.
 #[derive(Debug, Parser)]
@@ -19,6 +20,10 @@ struct Cli {
 enum Command {
     /// KV-cache capacity worksheet for a model on a GPU.
     Plan(plan::PlanArgs),
+    /// The proxy: --config FILE, --upstream URL..., or an embedded simulated pool.
+    Serve(sluice_proxy::ServeArgs),
+    /// Validate a proxy config file and explain what it does.
+    Check(sluice_proxy::CheckArgs),
     /// One simulated vLLM replica (OpenAI API, SSE, vLLM /metrics, fault injection).
     Sim(sluice_enginesim::cli::SimArgs),
     /// Generate synthetic workloads, import public traces, inspect workloads.
@@ -31,6 +36,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Check(args) => serve::check(args),
         Command::Sim(args) => sluice_enginesim::cli::run(args).map_err(Into::into),
         Command::Workload(args) => sluice_bench::cli::run_workload(args).map_err(Into::into),
         Command::Bench(args) => sluice_bench::cli::run_bench(args).map_err(Into::into),
