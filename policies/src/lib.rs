@@ -5,11 +5,13 @@
 //! token ids and prefix block hashes, and routing (classification, quotas and
 //! admission as they land). Time is always an argument; nothing reads a clock.
 
+pub mod admission;
 pub mod capacity;
 pub mod classify;
 pub mod error;
 pub mod hardware;
 pub mod prefix;
+pub mod quota;
 pub mod routing;
 pub mod tokens;
 
