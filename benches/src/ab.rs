@@ -440,11 +440,13 @@ async fn run_arm(
         config: config.as_deref(),
         lifecycle: &lifecycle,
         arm: &arm.name,
+        model: (!sims.is_empty()).then_some(exp.fleet.sim.model.as_str()),
         extra_args: &arm.serve_args,
     };
     let mut proxy = start_proxy(exe, &spec, &logs).await?;
     wait_ready(&proxy).await?;
-    let client = ApiClient::connect(&proxy.url, None, None).await?;
+    let model = (!sims.is_empty()).then(|| exp.fleet.sim.model.clone());
+    let client = ApiClient::connect(&proxy.url, model, None).await?;
     let (scrape_stop_tx, scrape_stop) = watch::channel(false);
     let scraper = tokio::spawn(scrape_until(
         urls.clone(),

@@ -315,3 +315,53 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         Ok(())
     })
 }
+
+/// `sluice ab`: an A/B experiment over routing policies / proxy configs.
+#[derive(Debug, Args)]
+pub struct AbArgs {
+    /// The experiment TOML (fleet, workload, load, arms, repetitions).
+    #[arg(long)]
+    pub experiment: PathBuf,
+    /// Results directory (default: ab-<experiment name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override the experiment's repetitions.
+    #[arg(long)]
+    pub repetitions: Option<usize>,
+}
+
+/// Runs `sluice ab ...`: every arm on a fresh fleet, then the Markdown and HTML reports.
+pub fn run_ab(args: AbArgs) -> Result<()> {
+    let mut exp = crate::ab::Experiment::load(&args.experiment)?;
+    if let Some(r) = args.repetitions {
+        exp.repetitions = r;
+    }
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("ab-{}", exp.name)));
+    let exe = crate::fleet::sluice_exe()?;
+    let result = runtime()?.block_on(async {
+        let stop = ctrl_c_stop();
+        crate::ab::run_experiment(&exp, &exe, &out, stop, |r| {
+            eprintln!(
+                "{} rep {}{}: {:.1} req/s, TTFT p99 {:.0} ms, prefix hits {}",
+                r.arm,
+                r.rep,
+                r.rate.map(|x| format!(" @ {x} req/s")).unwrap_or_default(),
+                r.summary.request_throughput,
+                r.summary.ttft.p99_ms,
+                r.prefix_hit_rate
+                    .map(|h| format!("{:.1}%", h * 100.0))
+                    .unwrap_or_else(|| "n/a".into())
+            )
+        })
+        .await
+    })?;
+    let report = crate::report::write_reports(&result, &out)?;
+    print!("{}", report.table);
+    println!("report: {}", report.html.display());
+    if result.interrupted {
+        return Err(BenchError::Interrupted);
+    }
+    Ok(())
+}

@@ -249,6 +249,8 @@ pub struct ProxySpec<'a> {
     pub lifecycle: &'a Path,
     /// Arm label.
     pub arm: &'a str,
+    /// Served model name of the pool.
+    pub model: Option<&'a str>,
     /// More `sluice serve` flags.
     pub extra_args: &'a [String],
 }
@@ -270,6 +272,9 @@ pub async fn start_proxy(exe: &Path, spec: &ProxySpec<'_>, log_dir: &Path) -> Re
         "--admin-listen".into(),
         "127.0.0.1:0".into(),
     ]);
+    if let (Some(m), None) = (spec.model, spec.config) {
+        args.extend(["--model".into(), m.to_string()]);
+    }
     if let Some(p) = spec.policy {
         args.extend(["--policy".into(), p.to_string()]);
     }

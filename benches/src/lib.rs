@@ -10,6 +10,7 @@ pub mod error;
 pub mod fleet;
 pub mod loadgen;
 pub mod metrics;
+pub mod report;
 pub mod scrape;
 pub mod stats;
 pub mod workload;
