@@ -30,6 +30,8 @@ enum Command {
     Workload(sluice_bench::cli::WorkloadArgs),
     /// Load generator against any OpenAI-compatible URL (vLLM serving-benchmark metrics).
     Bench(sluice_bench::cli::BenchArgs),
+    /// A/B experiment: the same workload against each arm on a fresh fleet, with reports.
+    Ab(sluice_bench::cli::AbArgs),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
         Command::Sim(args) => sluice_enginesim::cli::run(args).map_err(Into::into),
         Command::Workload(args) => sluice_bench::cli::run_workload(args).map_err(Into::into),
         Command::Bench(args) => sluice_bench::cli::run_bench(args).map_err(Into::into),
+        Command::Ab(args) => sluice_bench::cli::run_ab(args).map_err(Into::into),
     };
     if let Err(e) = result {
         eprintln!("sluice: error: {e:#}");
