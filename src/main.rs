@@ -5,8 +5,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod plan;
 mod serve;
+mod simulate;
 
 /// A request-routing proxy for LLM inference fleets.
 #[derive(Debug, Parser)]
@@ -18,6 +20,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Embedded simulated fleet + one proxy per routing policy → comparison table and HTML report.
+    Demo(demo::DemoArgs),
     /// KV-cache capacity worksheet for a model on a GPU.
     Plan(plan::PlanArgs),
     /// The proxy: --config FILE, --upstream URL..., or an embedded simulated pool.
@@ -32,11 +36,14 @@ enum Command {
     Bench(sluice_bench::cli::BenchArgs),
     /// A/B experiment: the same workload against each arm on a fresh fleet, with reports.
     Ab(sluice_bench::cli::AbArgs),
+    /// Replay a workload on a simulated fleet in virtual time (no GPU, no HTTP).
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Check(args) => serve::check(args),
@@ -44,6 +51,7 @@ fn main() {
         Command::Workload(args) => sluice_bench::cli::run_workload(args).map_err(Into::into),
         Command::Bench(args) => sluice_bench::cli::run_bench(args).map_err(Into::into),
         Command::Ab(args) => sluice_bench::cli::run_ab(args).map_err(Into::into),
+        Command::Simulate(args) => simulate::run(args),
     };
     if let Err(e) = result {
         eprintln!("sluice: error: {e:#}");
