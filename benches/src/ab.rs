@@ -394,6 +394,29 @@ async fn wait_ready(proxy: &ChildProcess) -> Result<()> {
     })
 }
 
+/// Waits (at most 2 s) until the replicas have counted `done` finished requests
+/// in total: an engine may count a request just after its last byte went out.
+async fn settle(urls: &[String], done: usize) {
+    let mut clients = Vec::new();
+    for u in urls {
+        if let Ok(c) = ApiClient::connect(u, Some(String::new()), None).await {
+            clients.push(c);
+        }
+    }
+    for _ in 0..20 {
+        let mut total = 0.0;
+        for c in &clients {
+            if let Ok((200, body)) = c.get("/metrics").await {
+                total += crate::scrape::parse_sample(&String::from_utf8_lossy(&body), 0.0).requests;
+            }
+        }
+        if total >= done as f64 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs one arm once: fresh fleet, proxy, load, scrape; everything is stopped before returning.
 /// What every run of an experiment shares.
 struct RunContext<'a> {
@@ -455,6 +478,9 @@ async fn run_arm(
     ));
     let cfg = exp.load_config(rate)?;
     let out = run_load(client, workload.to_vec(), &cfg, ctx.stop.clone()).await;
+    if let Ok(o) = &out {
+        settle(&urls, o.records.iter().filter(|r| r.success).count()).await;
+    }
     let _ = scrape_stop_tx.send(true);
     let series = scraper.await.unwrap_or_default();
     let alive = proxy.check_alive();

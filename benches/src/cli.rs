@@ -330,19 +330,16 @@ pub struct AbArgs {
     pub repetitions: Option<usize>,
 }
 
-/// Runs `sluice ab ...`: every arm on a fresh fleet, then the Markdown and HTML reports.
-pub fn run_ab(args: AbArgs) -> Result<()> {
-    let mut exp = crate::ab::Experiment::load(&args.experiment)?;
-    if let Some(r) = args.repetitions {
-        exp.repetitions = r;
-    }
-    let out = args
-        .out
-        .unwrap_or_else(|| PathBuf::from(format!("ab-{}", exp.name)));
+/// Runs an experiment with Ctrl-C handling, prints one line per run on
+/// stderr, writes the reports into `out` and returns them.
+pub fn run_and_report(
+    exp: &crate::ab::Experiment,
+    out: &std::path::Path,
+) -> Result<(crate::report::Reports, crate::ab::ExperimentResult)> {
     let exe = crate::fleet::sluice_exe()?;
     let result = runtime()?.block_on(async {
         let stop = ctrl_c_stop();
-        crate::ab::run_experiment(&exp, &exe, &out, stop, |r| {
+        crate::ab::run_experiment(exp, &exe, out, stop, |r| {
             eprintln!(
                 "{} rep {}{}: {:.1} req/s, TTFT p99 {:.0} ms, prefix hits {}",
                 r.arm,
@@ -357,7 +354,20 @@ pub fn run_ab(args: AbArgs) -> Result<()> {
         })
         .await
     })?;
-    let report = crate::report::write_reports(&result, &out)?;
+    let report = crate::report::write_reports(&result, out)?;
+    Ok((report, result))
+}
+
+/// Runs `sluice ab ...`: every arm on a fresh fleet, then the Markdown and HTML reports.
+pub fn run_ab(args: AbArgs) -> Result<()> {
+    let mut exp = crate::ab::Experiment::load(&args.experiment)?;
+    if let Some(r) = args.repetitions {
+        exp.repetitions = r;
+    }
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("ab-{}", exp.name)));
+    let (report, result) = run_and_report(&exp, &out)?;
     print!("{}", report.table);
     println!("report: {}", report.html.display());
     if result.interrupted {
