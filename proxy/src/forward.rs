@@ -97,6 +97,15 @@ pub struct Forward<'a> {
     pub arrival: Instant,
 }
 
+/// The absolute bounds of one attempt.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    /// By when the first token must arrive (streams).
+    first_token: Instant,
+    /// By when everything must be done.
+    total: Instant,
+}
+
 /// How one attempt ended.
 enum Attempt {
     /// A response was relayed; the endpoint served the request.
@@ -372,17 +381,17 @@ impl Forward<'_> {
             Err(e) => return Attempt::Final(e, Some(Failure::Response)),
         };
         rec.status = status;
-        if session.write_response_header(Box::new(resp)).await.is_err() {
-            return Attempt::Final(ProxyError::ClientGone, None);
-        }
         let server_error = status >= 500;
         let outcome = self
             .relay_body(
                 session,
                 &mut up,
+                resp,
                 is_sse,
-                first_token_deadline,
-                total_deadline,
+                Deadlines {
+                    first_token: first_token_deadline,
+                    total: total_deadline,
+                },
                 rec,
             )
             .await;
@@ -398,8 +407,14 @@ impl Forward<'_> {
                 }
             }
             Err(e) => {
-                let blame = matches!(e, ProxyError::UpstreamFailed(_)).then_some(Failure::Response);
-                Attempt::Final(e, blame)
+                let upstream_fault = matches!(e, ProxyError::UpstreamFailed(_));
+                let blame = upstream_fault.then_some(Failure::Response);
+                if session.response_written().is_none() && upstream_fault && can_retry {
+                    // Nothing reached the client yet, so another replica may still serve it.
+                    Attempt::Retryable(Failure::Response, e)
+                } else {
+                    Attempt::Final(e, blame)
+                }
             }
         }
     }
@@ -433,19 +448,27 @@ impl Forward<'_> {
         Ok(resp)
     }
 
-    /// Relays the response body. `Err` means it was cut short (the client
-    /// already has the head; a stream gets an SSE error event first).
+    /// Relays the response: the head goes out with the first body bytes (so a
+    /// replica that stalls or breaks before sending anything can still get a
+    /// clean error status or a retry), then the body as it arrives. `Err`
+    /// means it was cut short; if the head went out, a stream got an SSE
+    /// error event first.
     async fn relay_body(
         &self,
         session: &mut ServerSession,
         up: &mut HttpSession,
+        head: ResponseHeader,
         is_sse: bool,
-        first_token_deadline: Instant,
-        total_deadline: Instant,
+        deadlines: Deadlines,
         rec: &mut Record,
     ) -> Result<(), ProxyError> {
+        let Deadlines {
+            first_token: first_token_deadline,
+            total: total_deadline,
+        } = deadlines;
         let idle = Duration::from_millis(self.pool.cfg.timeouts.idle_ms);
         let pool = self.pool.name();
+        let mut pending = Some(Box::new(head));
         let mut splitter = Splitter::new(MAX_EVENT_BYTES);
         let mut events = Vec::new();
         let mut scan = BytesMut::new();
@@ -478,12 +501,14 @@ impl Forward<'_> {
                     tracing::debug!(error = %e, "upstream body broke");
                     let err =
                         ProxyError::UpstreamFailed("the replica closed the stream early".into());
-                    self.end_with_error(session, is_sse, &err).await;
+                    self.end_with_error(session, pending.is_none(), is_sse, &err)
+                        .await;
                     return Err(err);
                 }
                 Err(_) => {
                     let err = ProxyError::Timeout(what);
-                    self.end_with_error(session, is_sse, &err).await;
+                    self.end_with_error(session, pending.is_none(), is_sse, &err)
+                        .await;
                     return Err(err);
                 }
             };
@@ -496,9 +521,7 @@ impl Forward<'_> {
                         scan = BytesMut::new();
                     }
                 }
-                if session.write_response_body(chunk, false).await.is_err() {
-                    return Err(ProxyError::ClientGone);
-                }
+                send(session, &mut pending, chunk, false).await?;
                 continue;
             }
             splitter.push(&chunk, &mut events);
@@ -527,23 +550,13 @@ impl Forward<'_> {
                 if self.hide_usage_chunk && info.usage_only {
                     continue;
                 }
-                if session.write_response_body(event, false).await.is_err() {
-                    return Err(ProxyError::ClientGone);
-                }
+                send(session, &mut pending, event, false).await?;
             }
         }
         if let Some(rest) = splitter.finish() {
-            if session.write_response_body(rest, false).await.is_err() {
-                return Err(ProxyError::ClientGone);
-            }
+            send(session, &mut pending, rest, false).await?;
         }
-        if session
-            .write_response_body(Bytes::new(), true)
-            .await
-            .is_err()
-        {
-            return Err(ProxyError::ClientGone);
-        }
+        send(session, &mut pending, Bytes::new(), true).await?;
         if !is_sse && !scan_overflow {
             let info = sse::inspect_json(&scan);
             usage = info.usage;
@@ -563,7 +576,17 @@ impl Forward<'_> {
     /// Ends a response that is already under way after a failure: a stream
     /// gets the error as a final SSE event; a plain body is just cut off
     /// (the missing bytes tell the client it is incomplete).
-    async fn end_with_error(&self, session: &mut ServerSession, is_sse: bool, err: &ProxyError) {
+    async fn end_with_error(
+        &self,
+        session: &mut ServerSession,
+        head_sent: bool,
+        is_sse: bool,
+        err: &ProxyError,
+    ) {
+        if !head_sent {
+            // The caller answers with a proper error status instead.
+            return;
+        }
         if is_sse {
             let _ = session.write_response_body(err.sse_event(), false).await;
             let _ = session.write_response_body(Bytes::new(), true).await;
@@ -571,6 +594,25 @@ impl Forward<'_> {
             session.set_keepalive(None);
         }
     }
+}
+
+/// Writes `data` to the client, preceded by the response head if it has not gone out yet.
+async fn send(
+    session: &mut ServerSession,
+    pending: &mut Option<Box<ResponseHeader>>,
+    data: Bytes,
+    end: bool,
+) -> Result<(), ProxyError> {
+    if let Some(head) = pending.take() {
+        session
+            .write_response_header(head)
+            .await
+            .map_err(|_| ProxyError::ClientGone)?;
+    }
+    session
+        .write_response_body(data, end)
+        .await
+        .map_err(|_| ProxyError::ClientGone)
 }
 
 /// Resolves when the client has closed its connection (or sent something

@@ -1,0 +1,223 @@
+//! Configuration: `sluice check` explains the annotated example and names
+//! the line of a mistake; SIGHUP reloads a good file, rejects a broken one
+//! while serving on, and does not drop a request in flight.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod proxy_common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use proxy_common::*;
+use serde_json::Value;
+
+fn check(path: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config", path])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_explains_the_example_and_names_lines() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/configs/sluice.toml");
+    let (ok, text) = check(example);
+    assert!(ok, "{text}");
+    for want in [
+        "pool `chat`",
+        "cache_aware",
+        "rag-long -> pool `rag`",
+        "health: GET /health",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(example).unwrap();
+    let typo = write_config(
+        dir.path(),
+        "typo.toml",
+        &src.replace("first_token_ms = 60000", "first_tokn_ms = 60000"),
+    );
+    let (ok, text) = check(typo.to_str().unwrap());
+    assert!(!ok);
+    let line = src
+        .lines()
+        .position(|l| l.contains("first_token_ms = 60000"))
+        .unwrap()
+        + 1;
+    assert!(
+        text.contains(&format!("line {line}")) && text.contains("first_tokn_ms"),
+        "{text}"
+    );
+
+    let dangling = write_config(
+        dir.path(),
+        "dangling.toml",
+        &src.replace("pool = \"rag\"", "pool = \"nope\""),
+    );
+    let (ok, text) = check(dangling.to_str().unwrap());
+    assert!(!ok);
+    assert!(text.contains("nope") && text.contains("line "), "{text}");
+}
+
+#[test]
+fn example_config_serves_once_endpoints_are_filled_in() {
+    // The annotated example, pointed at real replicas, is a working config.
+    let sims = sims(3, &[]);
+    let src = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/configs/sluice.toml"
+    ))
+    .unwrap()
+    .replace("127.0.0.1:8001", &sims[0].addr)
+    .replace("127.0.0.1:8002", &sims[1].addr)
+    .replace("127.0.0.1:8003", &sims[2].addr);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "example.toml", &src);
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+    let r = p
+        .api
+        .post("/v1/chat/completions", &chat("short question", 2, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let long = "a fairly long retrieved passage about many things ".repeat(600);
+    let r = p.api.post("/v1/chat/completions", &chat(&long, 2, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let recs = p.records(2);
+    assert_eq!(
+        (recs[0]["class"].as_str(), recs[0]["pool"].as_str()),
+        (Some("chat-short"), Some("chat"))
+    );
+    assert_eq!(
+        (recs[1]["class"].as_str(), recs[1]["pool"].as_str()),
+        (Some("rag-long"), Some("rag"))
+    );
+    assert_eq!(recs[1]["endpoint"], sims[2].addr.as_str());
+}
+
+fn pool_config(model: &str, addr: &str) -> String {
+    format!("[[pools]]\nname = \"p\"\nmodel = \"{model}\"\nendpoints = [\"{addr}\"]\n")
+}
+
+fn model_ids(p: &Proxy) -> Vec<String> {
+    let r = p.api.get("/v1/models");
+    assert_eq!(r.status, 200);
+    r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn wait_models(p: &Proxy, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while model_ids(p) != [want] {
+        assert!(
+            Instant::now() < deadline,
+            "models never became [{want}]: {:?}",
+            model_ids(p)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_reloads_good_configs_and_rejects_broken_ones() {
+    let sim = Sim::start(&["--seed", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "live.toml", &pool_config(MODEL, &sim.addr));
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(model_ids(&p), [MODEL]);
+
+    // A long stream in flight across both reloads.
+    let mut inflight = p
+        .api
+        .stream("/v1/chat/completions", &chat("keep talking", 150, true));
+    assert_eq!(inflight.status, 200);
+
+    std::fs::write(
+        &cfg,
+        "[[pools]]\nname = \"p\"\nmodel = \"m\"\nendpoints = [\"not-an-address\"]\n",
+    )
+    .unwrap();
+    p.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.stderr().contains("reload rejected") {
+        assert!(
+            Instant::now() < deadline,
+            "no rejection reported: {}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(model_ids(&p), [MODEL], "the old config stays");
+    assert_eq!(
+        p.api
+            .post("/v1/chat/completions", &chat("still there?", 1, false))
+            .status,
+        200
+    );
+
+    std::fs::write(&cfg, pool_config("renamed-model", &sim.addr)).unwrap();
+    p.signal("HUP");
+    wait_models(&p, "renamed-model");
+    assert_eq!(p.state()["generation"], 2);
+
+    let (events, end) = inflight.collect();
+    assert_eq!(end, Event::End, "the in-flight stream was cut by a reload");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let metrics = p.admin.get("/metrics").text();
+    assert_eq!(
+        metric_value(&metrics, "sluice_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "sluice_config_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn admin_listener_reports_state_and_metrics() {
+    let sims = sims(2, &[]);
+    let p = Proxy::over(&sims, &["--policy", "least_requests"]);
+    assert_eq!(
+        p.api
+            .post("/v1/chat/completions", &chat("x", 2, true))
+            .status,
+        200
+    );
+    assert_eq!(p.admin.get("/healthz").status, 200);
+    assert_eq!(p.admin.get("/readyz").status, 200);
+    // Scraped engine gauges show up with their age.
+    let s = p.wait_state("engine gauges scraped", |s: &Value| {
+        s["pools"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["num_gpu_blocks"].as_u64().is_some())
+    });
+    assert_eq!(s["pools"][0]["routing"], "least_requests");
+    let e = &s["pools"][0]["endpoints"][0];
+    assert!(e["scrape_age_seconds"].as_f64().unwrap() < 5.0, "{e}");
+    assert_eq!(e["engine_stale"], false);
+    let m = p.admin.get("/metrics").text();
+    for name in [
+        "sluice_requests_total{class=\"default\",pool=\"default\",status=\"200\"} 1",
+        "sluice_time_to_first_token_seconds_bucket",
+        "sluice_routing_decisions_total{policy=\"least_requests\",pool=\"default\"",
+        "sluice_upstream_healthy{",
+        "sluice_upstream_scrape_age_seconds{",
+        "sluice_routing_overhead_seconds_bucket",
+    ] {
+        assert!(m.contains(name), "missing {name} in\n{m}");
+    }
+}
