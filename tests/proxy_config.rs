@@ -221,3 +221,43 @@ fn admin_listener_reports_state_and_metrics() {
         assert!(m.contains(name), "missing {name} in\n{m}");
     }
 }
+
+#[test]
+fn serve_without_flags_starts_an_embedded_simulated_pool() {
+    let p = Proxy::start(&[]);
+    assert_eq!(model_ids(&p), [MODEL]);
+    let r = p.api.post("/v1/chat/completions", &chat("hello", 2, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        p.state()["pools"][0]["endpoints"].as_array().unwrap().len(),
+        3
+    );
+    assert!(p.stderr().contains("simulated"), "{}", p.stderr());
+}
+
+#[test]
+fn dns_endpoints_are_resolved() {
+    let sim = Sim::start(&["--speedup", "20"]);
+    let port = sim.addr.rsplit_once(':').unwrap().1;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "dns.toml",
+        &format!(
+            "[[pools]]\nname = \"p\"\nmodel = \"{MODEL}\"\ndns = \"localhost:{port}\"\ndns_refresh_ms = 200\n[pools.health]\ninterval_ms = 50\nunhealthy_threshold = 1\n"
+        ),
+    );
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+    p.wait_state("DNS resolved", |s| {
+        s["pools"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["address"] == sim.addr.as_str())
+    });
+    let r = p
+        .api
+        .post("/v1/chat/completions", &chat("resolved?", 1, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(p.records(1)[0]["endpoint"], sim.addr.as_str());
+}
