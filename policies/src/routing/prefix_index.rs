@@ -117,6 +117,18 @@ impl Samples {
     }
 }
 
+/// An endpoint set as two words: a `u128` would align hash-table buckets to
+/// 16 bytes and grow them from 24 to 32; the index is memory-bound.
+type Mask = [u64; 2];
+
+fn widen(m: Mask) -> u128 {
+    (u128::from(m[1]) << 64) | u128::from(m[0])
+}
+
+fn narrow(m: u128) -> Mask {
+    [m as u64, (m >> 64) as u64]
+}
+
 /// Bookkeeping for one slot.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -127,8 +139,8 @@ struct Slot {
 /// Block hash → endpoints it was routed to, bounded to `capacity` blocks.
 #[derive(Debug, Clone)]
 pub struct PrefixIndex {
-    young: HashMap<u64, u128, FixedState>,
-    old: HashMap<u64, u128, FixedState>,
+    young: HashMap<u64, Mask, FixedState>,
+    old: HashMap<u64, Mask, FixedState>,
     generation: usize,
     slots: Vec<Slot>,
     slot_of: HashMap<u64, u8, FixedState>,
@@ -210,8 +222,8 @@ impl PrefixIndex {
         let clear = !EndpointSlot(s).bit();
         for map in [&mut self.young, &mut self.old] {
             map.retain(|_, mask| {
-                *mask &= clear;
-                *mask != 0
+                *mask = narrow(widen(*mask) & clear);
+                *mask != [0, 0]
             });
         }
         self.slots[usize::from(s)] = Slot {
@@ -225,8 +237,8 @@ impl PrefixIndex {
     /// Endpoints remembered for one block.
     fn mask(&self, key: u64) -> u128 {
         match self.young.get(&key) {
-            Some(&m) => m,
-            None => self.old.get(&key).copied().unwrap_or(0),
+            Some(&m) => widen(m),
+            None => self.old.get(&key).map_or(0, |&m| widen(m)),
         }
     }
 
@@ -275,14 +287,15 @@ impl PrefixIndex {
 
     /// Records that `blocks` were routed to `slot`.
     pub fn record(&mut self, blocks: &[BlockHash], scope: u64, slot: EndpointSlot) {
-        let bit = slot.bit();
+        let bit = narrow(slot.bit());
         let samples = Samples::of(blocks.len());
         // Deepest block first: if a generation turns over mid-prompt, the
         // leading blocks (which every longer match needs) land in the young map.
         for k in (0..samples.len).rev() {
             let key = blocks[samples.position(k)] ^ scope;
             if let Some(m) = self.young.get_mut(&key) {
-                *m |= bit;
+                m[0] |= bit[0];
+                m[1] |= bit[1];
                 continue;
             }
             if self.young.len() >= self.generation {
@@ -290,8 +303,9 @@ impl PrefixIndex {
                 std::mem::swap(&mut self.young, &mut self.old);
                 self.young.clear();
             }
-            let carried = self.old.remove(&key).unwrap_or(0);
-            self.young.insert(key, carried | bit);
+            let carried = self.old.remove(&key).unwrap_or([0, 0]);
+            self.young
+                .insert(key, [carried[0] | bit[0], carried[1] | bit[1]]);
         }
     }
 
