@@ -15,6 +15,38 @@ pub type BlockHash = u64;
 /// one keeps proxy and simulator deterministic).
 const ROOT_PARENT: u64 = 0x736c_7569_6365_0001;
 
+/// Extends `hashes` (the chain of `tokens`' first `hashes.len()` full blocks,
+/// as [`block_hashes`] gives it) over the full blocks of `tokens` after them,
+/// so a sequence that grows by decoding hashes each new block once.
+pub fn extend_block_hashes(
+    hashes: &mut Vec<BlockHash>,
+    tokens: &[u32],
+    block_size: usize,
+    salt: Option<&str>,
+) {
+    if block_size == 0 {
+        return;
+    }
+    let done = hashes.len() * block_size;
+    let Some(rest) = tokens.get(done..) else {
+        return;
+    };
+    let mut parent = match (hashes.last(), salt) {
+        (Some(&h), _) => h,
+        (None, Some(s)) => xxh3_64_with_seed(s.as_bytes(), ROOT_PARENT),
+        (None, None) => ROOT_PARENT,
+    };
+    let mut buf = Vec::with_capacity(block_size * 4);
+    for block in rest.chunks_exact(block_size) {
+        buf.clear();
+        for t in block {
+            buf.extend_from_slice(&t.to_le_bytes());
+        }
+        parent = xxh3_64_with_seed(&buf, parent);
+        hashes.push(parent);
+    }
+}
+
 /// Chained hashes of every full `block_size`-token block of `tokens`.
 /// `salt` (vLLM's `cache_salt`) changes every hash, so salted prompts never
 /// share blocks with unsalted or differently salted ones.
@@ -57,6 +89,19 @@ mod tests {
         assert_eq!(block_hashes(&t, 16, None).len(), 2);
         assert!(block_hashes(&t[..15], 16, None).is_empty());
         assert!(block_hashes(&t, 0, None).is_empty());
+    }
+
+    #[test]
+    fn extending_equals_hashing_at_once() {
+        let t: Vec<u32> = (0..100).collect();
+        for salt in [None, Some("s")] {
+            let mut h = block_hashes(&t[..40], 16, salt);
+            extend_block_hashes(&mut h, &t, 16, salt);
+            assert_eq!(h, block_hashes(&t, 16, salt));
+            let mut empty = Vec::new();
+            extend_block_hashes(&mut empty, &t, 16, salt);
+            assert_eq!(empty, block_hashes(&t, 16, salt));
+        }
     }
 
     #[test]
