@@ -366,6 +366,84 @@ mod tests {
         assert_eq!(adm.in_flight_blocks(), 0);
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Random arrivals, cancels, completions and scrapes: once everything
+        /// admitted is released and everything queued cancelled, nothing is
+        /// left — no queue entry, no reserved block.
+        #[test]
+        fn nothing_leaks(
+            ops in proptest::collection::vec((0u8..5, 0usize..3, 0u32..5000, 0u8..100), 1..200),
+            order in 0usize..4,
+        ) {
+            let order = [QueueOrder::Fifo, QueueOrder::ShortestFirst, QueueOrder::Deadline, QueueOrder::Fair][order];
+            let mut adm = PoolAdmission::new(AdmissionConfig {
+                order,
+                max_queue_len: 8,
+                max_queue_wait_ms: 400,
+                ..Default::default()
+            });
+            let tenants = ["a", "b", "c"];
+            let prios = [Priority::Interactive, Priority::Standard, Priority::Batch];
+            let mut queued: Vec<Ticket> = Vec::new();
+            let mut running: Vec<KvTicket> = Vec::new();
+            let mut kv = 0.5;
+            for (step, (op, t, prompt, x)) in ops.into_iter().enumerate() {
+                let now = step as u64 * 13;
+                let snap = snapshot(kv, now);
+                let released = match op {
+                    0 | 1 => {
+                        let req = request(tenants[t], prios[t], prompt);
+                        let (offer, released) = adm.offer(&req, Some(&snap), now);
+                        match offer {
+                            Offer::Admitted(k) => running.push(k),
+                            Offer::Queued { ticket, .. } => queued.push(ticket),
+                            Offer::Shed(s) => prop_assert!(matches!(s.status.http_status(), 429 | 503)),
+                        }
+                        released
+                    }
+                    2 => {
+                        if !running.is_empty() {
+                            adm.release(running.remove(usize::from(x) % running.len()));
+                        }
+                        adm.poll(Some(&snap), now)
+                    }
+                    3 => {
+                        if !queued.is_empty() {
+                            let tk = queued.remove(usize::from(x) % queued.len());
+                            prop_assert!(adm.cancel(tk));
+                        }
+                        Released::default()
+                    }
+                    _ => {
+                        kv = f64::from(x) / 100.0;
+                        adm.poll(Some(&snapshot(kv, now)), now)
+                    }
+                };
+                for (tk, k) in released.admitted {
+                    prop_assert!(queued.contains(&tk));
+                    queued.retain(|q| *q != tk);
+                    running.push(k);
+                }
+                for (tk, _) in released.shed {
+                    prop_assert!(queued.contains(&tk));
+                    queued.retain(|q| *q != tk);
+                }
+                prop_assert_eq!(adm.queue_len(), queued.len());
+                prop_assert!(adm.queue_len() <= 8);
+            }
+            for tk in queued {
+                prop_assert!(adm.cancel(tk));
+            }
+            for k in running {
+                adm.release(k);
+            }
+            prop_assert_eq!(adm.queue_len(), 0);
+            prop_assert_eq!(adm.in_flight_blocks(), 0);
+        }
+    }
+
     #[test]
     fn disabled_admits_everything_but_still_counts() {
         let mut adm = PoolAdmission::new(AdmissionConfig {

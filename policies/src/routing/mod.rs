@@ -229,6 +229,67 @@ mod tests {
         }
     }
 
+    use proptest::prelude::*;
+
+    fn arb_load() -> impl Strategy<Value = EndpointLoad> {
+        let gauge = prop_oneof![
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(-1.0),
+            0.0f64..100.0,
+        ];
+        (
+            0u32..100,
+            0u64..1_000_000,
+            proptest::option::of((
+                gauge.clone(),
+                gauge.clone(),
+                gauge,
+                proptest::option::of(0u64..50_000),
+            )),
+        )
+            .prop_map(|(in_flight, in_flight_tokens, engine)| EndpointLoad {
+                in_flight,
+                in_flight_tokens,
+                engine: engine.map(
+                    |(running, waiting, kv_usage, num_gpu_blocks)| EngineGauges {
+                        running,
+                        waiting,
+                        kv_usage,
+                        num_gpu_blocks,
+                    },
+                ),
+            })
+    }
+
+    proptest! {
+        /// Any policy, any loads (garbled gauges included), endpoints coming
+        /// and going between calls: a pick is always in range.
+        #[test]
+        fn picks_are_always_in_range(
+            rounds in proptest::collection::vec(
+                (proptest::collection::vec(arb_load(), 1..40), 0usize..200, 0u64..20),
+                1..30,
+            ),
+            policy in 0usize..PolicyKind::ALL.len(),
+            seed in any::<u64>(),
+        ) {
+            let names: Vec<String> = (0..200).map(|i| format!("10.1.{}.{}:8000", i / 250, i % 250)).collect();
+            let mut r = build(&RoutingConfig::with_policy(PolicyKind::ALL[policy]), seed);
+            for (loads, offset, prompt) in rounds {
+                let eps: Vec<EndpointView<'_>> = loads
+                    .iter()
+                    .enumerate()
+                    .map(|(i, load)| EndpointView { key: &names[(offset + i) % names.len()], load: *load })
+                    .collect();
+                let hashes: Vec<BlockHash> = (0..prompt * 7).map(|i| i ^ (prompt << 32)).collect();
+                let d = r.pick(&request(&hashes), &eps).unwrap();
+                prop_assert!(d.index < eps.len());
+                prop_assert!(d.matched_blocks as usize <= hashes.len());
+            }
+        }
+    }
+
     #[test]
     fn same_seed_same_decisions() {
         let keys = ["a", "b", "c", "d"];
