@@ -40,7 +40,8 @@ impl Scored {
         }
     }
 
-    /// The weighted score of endpoint `i` (exposed for explanation and tests).
+    /// The weighted score of endpoint `i` among candidates whose largest
+    /// waiting queue and in-flight count are `max_waiting` and `max_in_flight`.
     fn score(
         &self,
         i: usize,
