@@ -5,6 +5,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod capacity;
 mod demo;
 mod plan;
 mod serve;
@@ -38,6 +39,8 @@ enum Command {
     Ab(sluice_bench::cli::AbArgs),
     /// Replay a workload on a simulated fleet in virtual time (no GPU, no HTTP).
     Simulate(simulate::SimulateArgs),
+    /// Sweep simulated deployments (GPUs × replicas × policies × KV × rate); pick the cheapest meeting the SLOs.
+    Capacity(capacity::CapacityArgs),
 }
 
 fn main() {
@@ -52,6 +55,7 @@ fn main() {
         Command::Bench(args) => sluice_bench::cli::run_bench(args).map_err(Into::into),
         Command::Ab(args) => sluice_bench::cli::run_ab(args).map_err(Into::into),
         Command::Simulate(args) => simulate::run(args),
+        Command::Capacity(args) => capacity::run(args),
     };
     if let Err(e) = result {
         eprintln!("sluice: error: {e:#}");
