@@ -130,7 +130,7 @@ fn bar_chart(title: &str, y_desc: &str, bars: &[(String, f64)]) -> Result<String
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..y_max)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..y_max)
             .map_err(plot_err)?;
         let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
         chart
