@@ -694,7 +694,17 @@ impl<'w> Sim<'w> {
                 continue; // an EOS or a cut stop string carries no text
             }
             match t.first_token {
-                None => t.first_token = Some(now),
+                None => {
+                    t.first_token = Some(now);
+                    // One allocation per request rather than a doubling series.
+                    let max = self
+                        .w
+                        .requests
+                        .get(tok.id as usize)
+                        .map_or(0, |r| r.max_tokens);
+                    t.chunks
+                        .reserve_exact(max.saturating_sub(1).min(1 << 16) as usize);
+                }
                 Some(_) => t.chunks.push(now - t.arrival),
             }
         }
