@@ -310,3 +310,39 @@ fn second_identical_long_prompt_hits_the_prefix_cache() {
     let third = sim.post("/v1/completions", &salted).json();
     assert_eq!(third["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 }
+
+#[test]
+fn a_tokenizer_json_drives_prompt_ids() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/tokenizers/tiny-wordlevel.json"
+    );
+    let sim = Sim::start(&["--tokenizer", path]);
+    let t = sim
+        .post("/tokenize", &json!({"prompt": "hello sluice world ."}))
+        .json();
+    assert_eq!(t["tokens"], json!([1, 3, 2, 4]));
+    let r = sim.post(
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "hello world", "max_tokens": 1}),
+    );
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 2);
+}
+
+#[test]
+fn a_bad_tokenizer_file_is_a_clear_startup_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "sim",
+            "--port",
+            "0",
+            "--tokenizer",
+            "/no/such/tokenizer.json",
+        ])
+        .output()
+        .expect("run sluice sim");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/no/such/tokenizer.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

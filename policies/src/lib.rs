@@ -13,6 +13,7 @@ pub mod hardware;
 pub mod prefix;
 pub mod quota;
 pub mod routing;
+pub mod tokenizer;
 pub mod tokens;
 
 pub use error::PolicyError;
