@@ -52,6 +52,9 @@ pub struct SimulateArgs {
     /// Age of the engine gauges the router sees (the proxy's scrape interval); 0 = always current.
     #[arg(long, default_value_t = 1000.0)]
     pub scrape_interval_ms: f64,
+    /// Proxy time to count one prompt token, in microseconds (the tokenization stage).
+    #[arg(long, default_value_t = 0.0)]
+    pub tokenize_us_per_token: f64,
     /// Replay the trace this many times faster (2 doubles the request rate).
     #[arg(long, default_value_t = 1.0)]
     pub rate_scale: f64,
@@ -87,6 +90,7 @@ impl SimulateArgs {
         s.seed = self.seed;
         s.scrape_interval_s = self.scrape_interval_ms / 1000.0;
         s.rate_scale = self.rate_scale;
+        s.tokenize_s_per_token = self.tokenize_us_per_token / 1e6;
         if let Some(spec) = &self.slo {
             s.slo = Slo::parse(spec).map_err(|e| anyhow::anyhow!("--slo: {e}"))?;
         }
