@@ -164,7 +164,8 @@ impl PrefixIndex {
         }
     }
 
-    /// Blocks currently remembered (never more than the capacity).
+    /// Entries held, never more than the capacity (a block used in both
+    /// generations counts twice until the old one is dropped).
     pub fn len(&self) -> usize {
         self.young.len() + self.old.len()
     }
@@ -289,9 +290,28 @@ impl PrefixIndex {
     pub fn record(&mut self, blocks: &[BlockHash], scope: u64, slot: EndpointSlot) {
         let bit = narrow(slot.bit());
         let samples = Samples::of(blocks.len());
+        let fresh = self.fresh_prefix(blocks, scope, &samples, bit);
+        // If the generation turned over, the fresh prefix is now in the old
+        // map: refresh it too, exactly as a full pass would have.
+        if self.record_range(blocks, scope, bit, &samples, fresh..samples.len) && fresh > 0 {
+            self.record_range(blocks, scope, bit, &samples, 0..fresh);
+        }
+    }
+
+    /// Records samples `range` of `blocks` with `bit`, deepest first; returns
+    /// whether the generation turned over meanwhile.
+    fn record_range(
+        &mut self,
+        blocks: &[BlockHash],
+        scope: u64,
+        bit: Mask,
+        samples: &Samples,
+        range: std::ops::Range<usize>,
+    ) -> bool {
+        let mut rotated = false;
         // Deepest block first: if a generation turns over mid-prompt, the
         // leading blocks (which every longer match needs) land in the young map.
-        for k in (0..samples.len).rev() {
+        for k in range.rev() {
             let key = blocks[samples.position(k)] ^ scope;
             if let Some(m) = self.young.get_mut(&key) {
                 m[0] |= bit[0];
@@ -302,11 +322,53 @@ impl PrefixIndex {
                 // The old generation has not been touched for a whole generation: drop it.
                 std::mem::swap(&mut self.young, &mut self.old);
                 self.young.clear();
+                rotated = true;
             }
-            let carried = self.old.remove(&key).unwrap_or([0, 0]);
+            // Copied, not moved: removing would leave tombstones that make every
+            // later miss in the old map probe long chains. The stale copy goes
+            // when the old generation is dropped.
+            let carried = self.old.get(&key).copied().unwrap_or([0, 0]);
             self.young
                 .insert(key, [carried[0] | bit[0], carried[1] | bit[1]]);
         }
+        rotated
+    }
+
+    /// Number of leading samples already in the young map with `bit`, which
+    /// need no update: their LRU position is already the newest generation.
+    ///
+    /// They form a prefix, so binary search finds it: a call that sets a bit
+    /// on a sample in the young map sets it on every shallower sample too
+    /// (deepest first, so a generation turning over mid-call leaves the
+    /// deeper ones, not the shallower, in the old map), and promotion from
+    /// the old map carries bits along. A repeated prompt thus costs a few
+    /// lookups instead of one per sample, and a grown conversation pays only
+    /// for its new tail.
+    fn fresh_prefix(
+        &self,
+        blocks: &[BlockHash],
+        scope: u64,
+        samples: &Samples,
+        bit: Mask,
+    ) -> usize {
+        let young_has = |k: usize| {
+            self.young
+                .get(&(blocks[samples.position(k)] ^ scope))
+                .is_some_and(|m| (m[0] & bit[0]) | (m[1] & bit[1]) != 0)
+        };
+        if samples.len == 0 || !young_has(0) {
+            return 0;
+        }
+        let (mut lo, mut hi) = (0, samples.len);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if young_has(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo + 1
     }
 
     /// Forgets everything (endpoint slots included).
@@ -408,6 +470,31 @@ mod tests {
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let all = slots(&mut idx, &refs);
         assert_eq!(all.iter().filter(|s| s.is_none()).count(), 1);
+    }
+
+    proptest! {
+        /// Skipping the fresh prefix is an optimisation only: the index ends
+        /// up exactly as if every sample had been recorded.
+        #[test]
+        fn skipping_fresh_samples_changes_nothing(
+            ops in proptest::collection::vec((0u64..6, 0usize..120, 0usize..4, 0u64..3), 1..120),
+            cap in 64usize..600,
+        ) {
+            let mut fast = PrefixIndex::new(cap, 1);
+            let mut full = PrefixIndex::new(cap, 1);
+            let keys = ["a", "b", "c", "d"];
+            let s = slots(&mut fast, &keys);
+            slots(&mut full, &keys);
+            for (family, len, ep, scope) in ops {
+                // Prompts of a family share prefixes of every length.
+                let p = chain(family, len);
+                fast.record(&p, scope, s[ep].unwrap());
+                let samples = Samples::of(p.len());
+                full.record_range(&p, scope, narrow(s[ep].unwrap().bit()), &samples, 0..samples.len);
+                prop_assert_eq!(&fast.young, &full.young);
+                prop_assert_eq!(&fast.old, &full.old);
+            }
+        }
     }
 
     #[test]
