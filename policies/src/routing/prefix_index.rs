@@ -473,6 +473,9 @@ mod tests {
     }
 
     proptest! {
+        // Each case compares whole maps after every step: fewer, richer cases.
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
         /// Skipping the fresh prefix is an optimisation only: the index ends
         /// up exactly as if every sample had been recorded.
         #[test]
