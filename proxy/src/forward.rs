@@ -16,9 +16,10 @@ use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::http::v1::client::HttpSession;
+use pingora::protocols::http::v1::client::{HttpSession, http_req_header_to_wire};
 use pingora::upstreams::peer::HttpPeer;
 use sluice_policies::routing::RouteRequest;
+use tokio::io::AsyncWriteExt;
 
 use crate::config::Limits;
 use crate::endpoint::Endpoint;
@@ -32,6 +33,8 @@ use crate::sse::{self, Splitter, Usage};
 const MAX_USAGE_SCAN_BYTES: usize = 1 << 20;
 /// Largest single SSE event buffered before it is passed on unsplit.
 const MAX_EVENT_BYTES: usize = 1 << 20;
+/// Requests up to this size are written upstream with a single write.
+const COALESCE_BYTES: usize = 64 * 1024;
 /// How long an idle upstream connection stays in the pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
@@ -291,7 +294,7 @@ impl Forward<'_> {
             r = self.connector.get_http_session(&peer) => r,
             _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
         };
-        let (mut up, reused) = match connected {
+        let (up, reused) = match connected {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(endpoint = %endpoint.key, error = %e, "connect failed");
@@ -307,18 +310,36 @@ impl Forward<'_> {
             Ok(h) => h,
             Err(e) => return Attempt::Final(e, None),
         };
-        let sent = async {
-            up.write_request_header(Box::new(head)).await?;
-            up.write_body(&self.body).await?;
-            up.finish_body().await?;
-            Ok::<_, Box<pingora::Error>>(())
+        let Some(wire) = http_req_header_to_wire(&head) else {
+            return Attempt::Final(
+                ProxyError::bad_request("The request cannot be forwarded (invalid header bytes)"),
+                None,
+            );
+        };
+        // The head and body go out in one write (one packet for small requests)
+        // instead of Pingora's flush after the head; a fresh session on the same
+        // stream then reads the response.
+        let mut stream = up.into_inner();
+        let body = &self.body;
+        let sent = async move {
+            if wire.len() + body.len() <= COALESCE_BYTES {
+                let mut buf = BytesMut::with_capacity(wire.len() + body.len());
+                buf.extend_from_slice(&wire);
+                buf.extend_from_slice(body);
+                stream.write_all(&buf).await?;
+            } else {
+                stream.write_all(&wire).await?;
+                stream.write_all(body).await?;
+            }
+            stream.flush().await?;
+            Ok::<_, std::io::Error>(stream)
         };
         let sent = tokio::select! {
             r = tokio::time::timeout_at(total_deadline.into(), sent) => r,
             _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
         };
-        match sent {
-            Ok(Ok(())) => {}
+        let mut up = match sent {
+            Ok(Ok(stream)) => HttpSession::new_with_options(stream, &peer),
             Ok(Err(e)) => {
                 tracing::debug!(endpoint = %endpoint.key, reused, error = %e, "send failed");
                 return Attempt::Retryable(
@@ -327,7 +348,7 @@ impl Forward<'_> {
                 );
             }
             Err(_) => return Attempt::Final(ProxyError::Timeout("total_timeout"), None),
-        }
+        };
         let sent_at = Instant::now();
         rec.upstream_sent_ms = Some(self.clock.unix_ms(sent_at));
 

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod api;
 pub mod body;
+pub mod client_stream;
 pub mod config;
 pub mod endpoint;
 pub mod error;

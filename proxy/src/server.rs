@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingora::apps::{HttpServerApp, ServerApp};
-use pingora::protocols::l4::stream::Stream as L4Stream;
 use sluice_policies::routing::{PolicyKind, RoutingConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::admin::Admin;
 use crate::api::Api;
+use crate::client_stream::ClientStream;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::state::{Overrides, Shared};
@@ -281,7 +281,7 @@ async fn accept_loop<A>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let stream: pingora::protocols::Stream = Box::new(L4Stream::from(tcp));
+        let stream: pingora::protocols::Stream = Box::new(ClientStream::new(tcp));
         let app = Arc::clone(&app);
         let shutdown = shutdown.clone();
         let counted = counted.clone();
