@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::FixedState;
+
 /// Most tenants with a remembered counter (the idle one with the lowest counter goes first).
 pub const MAX_TENANTS: usize = 4096;
 
@@ -17,7 +19,8 @@ pub const MAX_TENANTS: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct VirtualCounters {
     output_cost: f64,
-    counters: HashMap<String, f64>,
+    // foldhash: looked up once per backlogged tenant on every pick.
+    counters: HashMap<String, f64, FixedState>,
     /// Counter of the tenant served last; an arrival to an empty queue is lifted to it.
     last_served: f64,
 }
@@ -27,7 +30,7 @@ impl VirtualCounters {
     pub fn new(output_cost: f64) -> Self {
         VirtualCounters {
             output_cost,
-            counters: HashMap::new(),
+            counters: HashMap::with_hasher(FixedState::with_seed(0)),
             last_served: 0.0,
         }
     }

@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use foldhash::fast::FixedState;
+
 use super::config::{Priority, QueueOrder};
 use super::fair::{VirtualCounters, weight_or_one};
 
@@ -119,14 +121,14 @@ pub struct AdmissionQueue {
     max_len: usize,
     max_wait_ms: u64,
     starvation_ms: u64,
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry, FixedState>,
     /// Per band, (order key, seq): the order for all but `fair`.
     ordered: [BTreeSet<(u64, u64)>; Priority::COUNT],
     /// Per band, tenant → seqs (arrival order): `fair` picks and shedding choose from it.
     by_tenant: [BTreeMap<String, BTreeSet<u64>>; Priority::COUNT],
     /// (arrival, seq) over all bands: expiry and starvation.
     age: BTreeSet<(u64, u64)>,
-    occupancy: HashMap<String, Occupancy>,
+    occupancy: HashMap<String, Occupancy, FixedState>,
     weight_sum: f64,
     vtc: VirtualCounters,
     next_seq: u64,
@@ -148,11 +150,11 @@ impl AdmissionQueue {
             max_len: max_len.max(1),
             max_wait_ms: max_wait_ms.max(1),
             starvation_ms: starvation_ms.max(1),
-            entries: HashMap::new(),
+            entries: HashMap::with_hasher(FixedState::with_seed(0)),
             ordered: Default::default(),
             by_tenant: Default::default(),
             age: BTreeSet::new(),
-            occupancy: HashMap::new(),
+            occupancy: HashMap::with_hasher(FixedState::with_seed(0)),
             weight_sum: 0.0,
             vtc: VirtualCounters::new(output_token_cost),
             next_seq: 0,
