@@ -317,7 +317,7 @@ impl Api {
             .to_string();
         let now_ms = self.shared.clock.mono_ms(Instant::now());
         let forward = Forward {
-            connector: &self.shared.connector,
+            upstream: &self.shared.upstream,
             metrics: &self.shared.metrics,
             clock: &self.shared.clock,
             pool,

@@ -1,7 +1,8 @@
 //! Forwarding one LLM request to a replica and relaying the answer.
 //!
 //! The body was already read (routing needs it), so the proxy writes it
-//! upstream itself over Pingora's pooled connector rather than through
+//! upstream itself (Pingora's HTTP/1 client session over a pool of keep-alive
+//! connections, see [`crate::upstream_pool`]) rather than through
 //! pingora-proxy, whose body replay stops at 64 KiB. The response is relayed
 //! as it arrives; streams are split into SSE events so each is timestamped
 //! and the final `usage` read. Every wait is bounded (connect, first token,
@@ -13,11 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v1::client::{HttpSession, http_req_header_to_wire};
-use pingora::upstreams::peer::HttpPeer;
 use sluice_policies::routing::RouteRequest;
 use tokio::io::AsyncWriteExt;
 
@@ -28,6 +27,7 @@ use crate::lifecycle::{Clock, Record};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::sse::{self, Splitter, Usage};
+use crate::upstream_pool::{ConnectError, UpstreamPool};
 
 /// Largest non-streaming response body copied aside to read its `usage`.
 const MAX_USAGE_SCAN_BYTES: usize = 1 << 20;
@@ -35,8 +35,6 @@ const MAX_USAGE_SCAN_BYTES: usize = 1 << 20;
 const MAX_EVENT_BYTES: usize = 1 << 20;
 /// Requests up to this size are written upstream with a single write.
 const COALESCE_BYTES: usize = 64 * 1024;
-/// How long an idle upstream connection stays in the pool.
-const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Request headers that describe one hop, not the request (RFC 9110 §7.6.1),
 /// plus the ones the proxy sets itself.
@@ -71,7 +69,7 @@ const SKIP_RESPONSE_HEADERS: &[&str] = &[
 /// Everything one forward needs.
 pub struct Forward<'a> {
     /// Pooled upstream connections.
-    pub connector: &'a Connector,
+    pub upstream: &'a UpstreamPool,
     /// Metrics to update.
     pub metrics: &'a Metrics,
     /// Wall-clock anchor for lifecycle timestamps.
@@ -284,28 +282,7 @@ impl Forward<'_> {
         rec: &mut Record,
     ) -> Attempt {
         let t = self.pool.cfg.timeouts;
-        let mut peer = HttpPeer::new(endpoint.addr, false, String::new());
-        let connect = Duration::from_millis(t.connect_ms);
-        peer.options.connection_timeout = Some(connect);
-        peer.options.total_connection_timeout = Some(connect);
-        peer.options.idle_timeout = Some(UPSTREAM_IDLE);
-
-        let connected = tokio::select! {
-            r = self.connector.get_http_session(&peer) => r,
-            _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
-        };
-        let (up, reused) = match connected {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(endpoint = %endpoint.key, error = %e, "connect failed");
-                let err = if matches!(e.etype(), pingora::ErrorType::ConnectTimedout) {
-                    ProxyError::UpstreamFailed("connect timed out".into())
-                } else {
-                    ProxyError::UpstreamFailed("could not connect to a replica".into())
-                };
-                return Attempt::Retryable(Failure::Connect, err);
-            }
-        };
+        let connect_timeout = Duration::from_millis(t.connect_ms);
         let head = match self.upstream_head(endpoint) {
             Ok(h) => h,
             Err(e) => return Attempt::Final(e, None),
@@ -316,66 +293,107 @@ impl Forward<'_> {
                 None,
             );
         };
-        // The head and body go out in one write (one packet for small requests)
-        // instead of Pingora's flush after the head; a fresh session on the same
-        // stream then reads the response.
-        let mut stream = up.into_inner();
-        let body = &self.body;
-        let sent = async move {
-            if wire.len() + body.len() <= COALESCE_BYTES {
-                let mut buf = BytesMut::with_capacity(wire.len() + body.len());
-                buf.extend_from_slice(&wire);
-                buf.extend_from_slice(body);
-                stream.write_all(&buf).await?;
+        let mut fresh_only = false;
+        let (mut up, sent_at) = loop {
+            let pooled = if fresh_only {
+                None
             } else {
-                stream.write_all(&wire).await?;
-                stream.write_all(body).await?;
+                self.upstream.take(endpoint.addr)
+            };
+            let reused = pooled.is_some();
+            let mut stream = match pooled {
+                Some(s) => s,
+                None => {
+                    let connected = tokio::select! {
+                        r = UpstreamPool::connect(endpoint.addr, connect_timeout) => r,
+                        _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
+                    };
+                    match connected {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(endpoint = %endpoint.key, error = ?e, "connect failed");
+                            let err = match e {
+                                ConnectError::Timeout => {
+                                    ProxyError::UpstreamFailed("connect timed out".into())
+                                }
+                                ConnectError::Io(_) => ProxyError::UpstreamFailed(
+                                    "could not connect to a replica".into(),
+                                ),
+                            };
+                            return Attempt::Retryable(Failure::Connect, err);
+                        }
+                    }
+                }
+            };
+            // The head and body go out in one write (one packet for small requests).
+            let body = &self.body;
+            let wire = &wire;
+            let send = async {
+                if wire.len() + body.len() <= COALESCE_BYTES {
+                    let mut buf = BytesMut::with_capacity(wire.len() + body.len());
+                    buf.extend_from_slice(wire);
+                    buf.extend_from_slice(body);
+                    stream.write_all(&buf).await?;
+                } else {
+                    stream.write_all(wire).await?;
+                    stream.write_all(body).await?;
+                }
+                stream.flush().await
+            };
+            let sent = tokio::select! {
+                r = tokio::time::timeout_at(total_deadline.into(), send) => r,
+                _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
+            };
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(endpoint = %endpoint.key, reused, error = %e, "send failed");
+                    if reused {
+                        // A keep-alive connection the replica closed while idle: not its fault.
+                        fresh_only = true;
+                        continue;
+                    }
+                    return Attempt::Retryable(
+                        Failure::Response,
+                        ProxyError::UpstreamFailed("the connection to the replica broke".into()),
+                    );
+                }
+                Err(_) => return Attempt::Final(ProxyError::Timeout("total_timeout"), None),
             }
-            stream.flush().await?;
-            Ok::<_, std::io::Error>(stream)
-        };
-        let sent = tokio::select! {
-            r = tokio::time::timeout_at(total_deadline.into(), sent) => r,
-            _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
-        };
-        let mut up = match sent {
-            Ok(Ok(stream)) => HttpSession::new_with_options(stream, &peer),
-            Ok(Err(e)) => {
-                tracing::debug!(endpoint = %endpoint.key, reused, error = %e, "send failed");
-                return Attempt::Retryable(
-                    Failure::Response,
-                    ProxyError::UpstreamFailed("the connection to the replica broke".into()),
-                );
+            let sent_at = Instant::now();
+            let mut up = HttpSession::new(stream);
+            let first_token_deadline =
+                (sent_at + Duration::from_millis(t.first_token_ms)).min(total_deadline);
+            let (head_deadline, head_timeout) = if self.stream {
+                (first_token_deadline, "first_token_timeout")
+            } else {
+                (total_deadline, "total_timeout")
+            };
+            let got_head = tokio::select! {
+                r = tokio::time::timeout_at(head_deadline.into(), up.read_response()) => r,
+                _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
+            };
+            match got_head {
+                Ok(Ok(_)) => break (up, sent_at),
+                Ok(Err(e)) => {
+                    tracing::debug!(endpoint = %endpoint.key, reused, error = %e, "no response head");
+                    if reused {
+                        fresh_only = true;
+                        continue;
+                    }
+                    return Attempt::Retryable(
+                        Failure::Response,
+                        ProxyError::UpstreamFailed(
+                            "the replica closed the connection without a response".into(),
+                        ),
+                    );
+                }
+                Err(_) => return Attempt::Final(ProxyError::Timeout(head_timeout), None),
             }
-            Err(_) => return Attempt::Final(ProxyError::Timeout("total_timeout"), None),
         };
-        let sent_at = Instant::now();
         rec.upstream_sent_ms = Some(self.clock.unix_ms(sent_at));
-
         let first_token_deadline =
             (sent_at + Duration::from_millis(t.first_token_ms)).min(total_deadline);
-        let (head_deadline, head_timeout) = if self.stream {
-            (first_token_deadline, "first_token_timeout")
-        } else {
-            (total_deadline, "total_timeout")
-        };
-        let got_head = tokio::select! {
-            r = tokio::time::timeout_at(head_deadline.into(), up.read_response()) => r,
-            _ = client_gone(session) => return Attempt::Final(ProxyError::ClientGone, None),
-        };
-        match got_head {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(endpoint = %endpoint.key, reused, error = %e, "no response head");
-                return Attempt::Retryable(
-                    Failure::Response,
-                    ProxyError::UpstreamFailed(
-                        "the replica closed the connection without a response".into(),
-                    ),
-                );
-            }
-            Err(_) => return Attempt::Final(ProxyError::Timeout(head_timeout), None),
-        }
         let Some(up_head) = up.resp_header() else {
             return Attempt::Retryable(
                 Failure::Response,
@@ -418,9 +436,10 @@ impl Forward<'_> {
             .await;
         match outcome {
             Ok(()) => {
-                self.connector
-                    .release_http_session(up, &peer, Some(UPSTREAM_IDLE))
-                    .await;
+                up.respect_keepalive();
+                if let Some(stream) = up.reuse().await {
+                    self.upstream.put(endpoint.addr, stream);
+                }
                 if server_error {
                     Attempt::RelayedFailure
                 } else {

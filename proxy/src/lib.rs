@@ -26,6 +26,7 @@ pub mod scrape;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod upstream_pool;
 
 pub use config::Config;
 pub use error::ProxyError;

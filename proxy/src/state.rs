@@ -4,10 +4,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use pingora::connectors::ConnectorOptions;
-use pingora::connectors::http::v1::Connector;
 use sluice_policies::classify::Classifier;
 use sluice_policies::routing::RoutingConfig;
 
@@ -16,9 +14,12 @@ use crate::error::ProxyError;
 use crate::lifecycle::{Clock, LifecycleLog};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::upstream_pool::UpstreamPool;
 
-/// Idle upstream connections kept per proxy (all replicas together).
-const UPSTREAM_POOL_SIZE: usize = 4096;
+/// Idle keep-alive connections kept per replica.
+const IDLE_PER_REPLICA: usize = 1024;
+/// How long an idle upstream connection is kept.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Command-line settings that override the file on every (re)load.
 #[derive(Debug, Clone, Default)]
@@ -85,8 +86,8 @@ impl Generation {
 pub struct Shared {
     generation: RwLock<Arc<Generation>>,
     next_id: AtomicU64,
-    /// Pooled keep-alive connections to replicas.
-    pub connector: Connector,
+    /// Keep-alive connections to replicas.
+    pub upstream: UpstreamPool,
     /// Metrics registry.
     pub metrics: Metrics,
     /// Wall-clock anchor.
@@ -112,13 +113,11 @@ impl Shared {
         arm: Option<String>,
     ) -> Result<Arc<Self>, ProxyError> {
         let metrics = Metrics::new();
-        let mut opts = ConnectorOptions::new(UPSTREAM_POOL_SIZE);
-        opts.keepalive_pool_size = UPSTREAM_POOL_SIZE;
         let generation = build_generation(1, config, None, &metrics, seed)?;
         let shared = Arc::new(Self {
             generation: RwLock::new(Arc::clone(&generation)),
             next_id: AtomicU64::new(2),
-            connector: Connector::new(Some(opts)),
+            upstream: UpstreamPool::new(IDLE_PER_REPLICA, UPSTREAM_IDLE),
             metrics,
             clock: Clock::new(),
             config_path,

@@ -1,0 +1,284 @@
+//! The tenant, authentication and quota-backend sections of the config:
+//! `[[tenants]]`, `[auth]` and `[quota]`. Per-pool admission lives in
+//! `[pools.admission]` (`sluice_policies::admission::AdmissionConfig`).
+//!
+//! With no `[[tenants]]` at all authentication is off and every request
+//! belongs to the unlimited tenant `default`, so a config without these
+//! sections behaves exactly as before.
+
+use serde::Deserialize;
+use sluice_policies::admission::Priority;
+use sluice_policies::quota::TenantLimits;
+use toml::Spanned;
+
+/// One `[[tenants]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Name used in metrics, lifecycle records and Redis keys.
+    pub name: String,
+    /// SHA-256 digests (64 hex digits) of the tenant's API keys; the keys
+    /// themselves never appear in the file.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+    /// Environment variables holding API keys (hashed at load; a missing
+    /// variable is a config error).
+    #[serde(default)]
+    pub api_key_env: Vec<String>,
+    /// Models the tenant may use (`*` or empty: all).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Priority band in admission queues.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Weight in `fair` queue order (> 0).
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Scope prefix caching to this tenant: the proxy sets vLLM's
+    /// `cache_salt` and salts its own prefix index.
+    #[serde(default)]
+    pub cache_isolation: bool,
+    /// Rate, token, concurrency and per-request limits.
+    #[serde(default)]
+    pub limits: TenantLimits,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tenant that requests without an API key belong to; without it they get 401.
+    #[serde(default)]
+    pub anonymous_tenant: Option<String>,
+}
+
+/// Where rate and token budgets are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaBackend {
+    /// In this process: limits are per proxy replica.
+    #[default]
+    Local,
+    /// In Redis, with atomic scripts: limits hold across proxy replicas.
+    Redis,
+}
+
+/// What to do when the Redis backend cannot answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailPolicy {
+    /// Admit the request unlimited (availability over enforcement).
+    #[default]
+    Open,
+    /// Refuse with 503 (enforcement over availability).
+    Closed,
+}
+
+impl FailPolicy {
+    /// The config name (metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailPolicy::Open => "open",
+            FailPolicy::Closed => "closed",
+        }
+    }
+}
+
+/// `[quota]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// `local` (default) or `redis`.
+    #[serde(default)]
+    pub backend: QuotaBackend,
+    /// `redis://host:port[/db]`, required for `backend = "redis"`.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// `open` (default) or `closed` when Redis is unreachable or slow.
+    #[serde(default)]
+    pub on_backend_error: FailPolicy,
+    /// Bound on one Redis round trip (and on connecting).
+    #[serde(default = "default_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+    /// Prefix of every Redis key, so several fleets can share one Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_redis_timeout_ms() -> u64 {
+    50
+}
+fn default_key_prefix() -> String {
+    "sluice".into()
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            backend: QuotaBackend::Local,
+            redis_url: None,
+            on_backend_error: FailPolicy::Open,
+            redis_timeout_ms: default_redis_timeout_ms(),
+            key_prefix: default_key_prefix(),
+        }
+    }
+}
+
+/// Checks the tenant sections; `at` turns a span into ` (line N)`.
+pub fn validate(
+    tenants: &[Spanned<TenantConfig>],
+    auth: &AuthConfig,
+    quota: &QuotaConfig,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+) -> Result<(), String> {
+    for (i, sp) in tenants.iter().enumerate() {
+        let t = sp.get_ref();
+        let key = format!("tenants[{i}]");
+        let fail = |m: String| format!("`{key}`{}: {m}", at(sp.span()));
+        let valid_name = !t.name.is_empty()
+            && t.name.len() <= 64
+            && t.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !valid_name {
+            return Err(fail(format!(
+                "name `{}` must be 1-64 characters of letters, digits, `-`, `_` or `.`",
+                t.name
+            )));
+        }
+        if tenants[..i].iter().any(|o| o.get_ref().name == t.name) {
+            return Err(fail(format!("tenant name `{}` is used twice", t.name)));
+        }
+        for (j, d) in t.api_key_sha256.iter().enumerate() {
+            if parse_digest(d).is_none() {
+                return Err(fail(format!(
+                    "`api_key_sha256[{j}]` must be 64 hex digits (the SHA-256 of the key)"
+                )));
+            }
+        }
+        if !(t.weight.is_finite() && t.weight > 0.0) {
+            return Err(fail("`weight` must be a positive number".into()));
+        }
+        t.limits
+            .validate(&format!("{key}.limits"))
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    if let Some(anon) = &auth.anonymous_tenant
+        && !tenants.iter().any(|t| &t.get_ref().name == anon)
+    {
+        return Err(format!(
+            "`auth.anonymous_tenant` = `{anon}` is not a `[[tenants]]` name"
+        ));
+    }
+    if quota.backend == QuotaBackend::Redis {
+        match &quota.redis_url {
+            None => return Err("`quota.backend = \"redis\"` needs `quota.redis_url`".into()),
+            Some(u) if redis::Client::open(u.as_str()).is_err() => {
+                return Err(format!("`quota.redis_url` = `{u}` is not a redis:// URL"));
+            }
+            Some(_) => {}
+        }
+    }
+    if quota.redis_timeout_ms == 0 || quota.redis_timeout_ms > 10_000 {
+        return Err("`quota.redis_timeout_ms` must be in 1..=10000".into());
+    }
+    if quota.key_prefix.is_empty() {
+        return Err("`quota.key_prefix` must not be empty".into());
+    }
+    Ok(())
+}
+
+/// A hex SHA-256 digest as bytes.
+pub fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        tenants: Vec<Spanned<TenantConfig>>,
+        #[serde(default)]
+        auth: AuthConfig,
+        #[serde(default)]
+        quota: QuotaConfig,
+    }
+
+    fn check(src: &str) -> Result<(), String> {
+        let d: Doc = toml::from_str(src).map_err(|e| e.to_string())?;
+        validate(&d.tenants, &d.auth, &d.quota, &|_| String::new())
+    }
+
+    #[test]
+    fn parses_a_full_tenant() {
+        let d: Doc = toml::from_str(
+            r#"
+            [auth]
+            anonymous_tenant = "free"
+            [quota]
+            backend = "redis"
+            redis_url = "redis://127.0.0.1:6379"
+            on_backend_error = "closed"
+            [[tenants]]
+            name = "acme"
+            api_key_sha256 = ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+            priority = "interactive"
+            weight = 2.0
+            cache_isolation = true
+            [tenants.limits]
+            requests_per_minute = 60
+            tokens_per_minute = 10000
+            [[tenants]]
+            name = "free"
+            "#,
+        )
+        .unwrap();
+        validate(&d.tenants, &d.auth, &d.quota, &|_| String::new()).unwrap();
+        let t = d.tenants[0].get_ref();
+        assert_eq!(t.priority, Priority::Interactive);
+        assert_eq!(t.limits.requests_per_minute, Some(60));
+        assert_eq!(d.quota.on_backend_error, FailPolicy::Closed);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = check("[[tenants]]\nname = \"a\"\napi_key_sha256 = [\"abc\"]").unwrap_err();
+        assert!(e.contains("api_key_sha256[0]"), "{e}");
+        let e = check("[[tenants]]\nname = \"a\"\n[[tenants]]\nname = \"a\"").unwrap_err();
+        assert!(e.contains("used twice"), "{e}");
+        let e = check("[auth]\nanonymous_tenant = \"x\"").unwrap_err();
+        assert!(e.contains("anonymous_tenant"), "{e}");
+        let e = check("[quota]\nbackend = \"redis\"").unwrap_err();
+        assert!(e.contains("redis_url"), "{e}");
+        let e = check("[[tenants]]\nname = \"a\"\nweight = 0").unwrap_err();
+        assert!(e.contains("weight"), "{e}");
+        let e = check("[[tenants]]\nname = \"a b\"").unwrap_err();
+        assert!(e.contains("name"), "{e}");
+        let e = check("[[tenants]]\nname = \"a\"\n[tenants.limits]\nmax_concurrent = 0")
+            .unwrap_err();
+        assert!(e.contains("max_concurrent"), "{e}");
+        assert!(check("[[tenants]]\nname = \"a\"\nkeys = []").is_err());
+    }
+
+    #[test]
+    fn digests_parse() {
+        assert!(parse_digest(&"ab".repeat(32)).is_some());
+        assert!(parse_digest(&"zz".repeat(32)).is_none());
+        assert!(parse_digest("ab").is_none());
+    }
+}
