@@ -31,11 +31,15 @@ pub struct DemoArgs {
     /// Simulated replicas per fleet.
     #[arg(long, default_value_t = 4)]
     replicas: usize,
-    /// Simulated time runs this many times faster than real time.
-    #[arg(long, default_value_t = 4.0)]
+    /// Simulated time runs this many times faster than real time. At 1 the
+    /// fleet is as loaded as four real H100s at the workload's rate and the
+    /// latencies are engine time; above 1 the report converts them.
+    #[arg(long, default_value_t = 1.0)]
     speedup: f64,
-    /// KV cache blocks per replica (small, so routing decides what stays cached).
-    #[arg(long, default_value_t = 800)]
+    /// KV cache blocks per replica: 51k tokens, an H100's cache scaled down
+    /// with the workload (48 live conversations instead of thousands), so a
+    /// replica holds its own conversations but not everyone's.
+    #[arg(long, default_value_t = 3200)]
     num_gpu_blocks: u64,
     /// Requests in the workload.
     #[arg(long, default_value_t = 900)]

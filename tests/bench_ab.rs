@@ -131,15 +131,17 @@ fn ab_report_agrees_with_records_engine_and_lifecycle() {
         // The proxy logged one lifecycle record per request.
         assert_eq!(run["lifecycle_records"].as_u64(), Some(60), "{arm}");
 
-        // The table shows the run's throughput.
+        // The table shows the run's throughput in engine time: the replicas
+        // ran 50× faster than the wall clock the records were taken on.
         let row = md
             .lines()
             .find(|l| l.starts_with(&format!("| {arm} |")))
             .unwrap();
         assert!(
-            row.contains(&format!("{:.2}", reported.request_throughput)),
+            row.contains(&format!("{:.2}", reported.request_throughput / 50.0)),
             "{row}"
         );
+        assert!(md.contains("wall-clock × 50"));
         assert!(stdout.contains(arm));
     }
     // Shared conversation prefixes: routing them together can only help the cache.

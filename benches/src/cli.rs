@@ -337,6 +337,7 @@ pub fn run_and_report(
     out: &std::path::Path,
 ) -> Result<(crate::report::Reports, crate::ab::ExperimentResult)> {
     let exe = crate::fleet::sluice_exe()?;
+    let factor = crate::report::engine_time_factor(exp);
     let result = runtime()?.block_on(async {
         let stop = ctrl_c_stop();
         crate::ab::run_experiment(exp, &exe, out, stop, |r| {
@@ -345,8 +346,8 @@ pub fn run_and_report(
                 r.arm,
                 r.rep,
                 r.rate.map(|x| format!(" @ {x} req/s")).unwrap_or_default(),
-                r.summary.request_throughput,
-                r.summary.ttft.p99_ms,
+                r.summary.request_throughput / factor,
+                r.summary.ttft.p99_ms * factor,
                 r.prefix_hit_rate
                     .map(|h| format!("{:.1}%", h * 100.0))
                     .unwrap_or_else(|| "n/a".into())

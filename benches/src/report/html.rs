@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::plots::Figure;
-use super::{ArmRow, METRICS, cell};
+use super::{ArmRow, METRICS, cell, time_note};
 use crate::ab::ExperimentResult;
 
 fn esc(s: &str) -> String {
@@ -37,7 +37,7 @@ th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}td.best{
     };
     let _ = write!(
         s,
-        "<p>{} · {} repetition(s), arms interleaved · {} run(s){}</p>\n<p>Latencies as vLLM's serving benchmark defines them; ±x% is (max − min) / mean over repetitions. Best value per column is highlighted.</p>\n",
+        "<p>{} · {} repetition(s), arms interleaved · {} run(s){}</p>\n<p>Latencies as vLLM's serving benchmark defines them; ±x% is (max − min) / mean over repetitions. Best value per column is highlighted. {}</p>\n",
         esc(&fleet),
         exp.repetitions,
         result.runs.len(),
@@ -45,7 +45,8 @@ th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}td.best{
             " · <b>interrupted</b>"
         } else {
             ""
-        }
+        },
+        esc(&time_note(exp))
     );
     let _ = write!(s, "<table><tr><th>arm</th>");
     for m in METRICS {

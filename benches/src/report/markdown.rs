@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::plots::Figure;
-use super::{ArmRow, METRICS, cell};
+use super::{ArmRow, METRICS, cell, time_note};
 use crate::ab::ExperimentResult;
 
 /// Renders `report.md` (plots are linked from `plots/`).
@@ -53,7 +53,8 @@ pub fn render(result: &ExperimentResult, rows: &[ArmRow], figures: &[Figure]) ->
     }
     let _ = writeln!(
         s,
-        "\nLatencies as vLLM's serving benchmark defines them; `±x%` is (max − min) / mean over repetitions.\n"
+        "\nLatencies as vLLM's serving benchmark defines them; `±x%` is (max − min) / mean over repetitions. {}\n",
+        time_note(exp)
     );
     let mut header = vec!["arm".to_string()];
     header.extend(METRICS.iter().map(|m| m.name.to_string()));

@@ -205,6 +205,12 @@ fn first_runs(result: &ExperimentResult) -> Vec<&RunResult> {
 /// Every figure of the report.
 pub fn figures(result: &ExperimentResult) -> Result<Vec<Figure>> {
     let mut figs = Vec::new();
+    let factor = super::engine_time_factor(&result.experiment);
+    let ms_label = if factor == 1.0 {
+        "TTFT (ms)".to_string()
+    } else {
+        format!("TTFT (ms, engine time = wall × {factor})")
+    };
     let sweep =
         result.runs.iter().any(|r| r.rate.is_some()) && !result.experiment.load.rates.is_empty();
 
@@ -220,7 +226,7 @@ pub fn figures(result: &ExperimentResult) -> Result<Vec<Figure>> {
         {
             for rec in read_records(&run.dir)?.iter().filter(|r| r.success) {
                 if let Some(t) = rec.ttft_s {
-                    ttfts.push(t * 1000.0);
+                    ttfts.push(t * 1000.0 * factor);
                 }
             }
         }
@@ -231,7 +237,7 @@ pub fn figures(result: &ExperimentResult) -> Result<Vec<Figure>> {
         title: "TTFT CDF per arm".into(),
         svg: line_chart(
             "TTFT CDF per arm",
-            "TTFT (ms)",
+            &ms_label,
             "fraction of requests",
             &series,
             true,
@@ -301,13 +307,23 @@ pub fn figures(result: &ExperimentResult) -> Result<Vec<Figure>> {
             ttft.push((
                 arm.name.clone(),
                 runs.iter()
-                    .map(|r| (r.summary.request_throughput, r.summary.ttft.p99_ms))
+                    .map(|r| {
+                        (
+                            r.summary.request_throughput / factor,
+                            r.summary.ttft.p99_ms * factor,
+                        )
+                    })
                     .collect(),
             ));
             e2el.push((
                 arm.name.clone(),
                 runs.iter()
-                    .map(|r| (r.summary.request_throughput, r.summary.e2el.median_ms))
+                    .map(|r| {
+                        (
+                            r.summary.request_throughput / factor,
+                            r.summary.e2el.median_ms * factor,
+                        )
+                    })
                     .collect(),
             ));
         }
