@@ -102,9 +102,24 @@ pub struct LoadSpec {
     /// Bound on one request, seconds.
     #[serde(default)]
     pub request_timeout_s: Option<f64>,
-    /// Goodput SLOs.
+    /// Goodput SLOs, in engine time (see [`LoadSpec::wall_clock_slo`]).
     #[serde(default)]
     pub slo: Slo,
+}
+
+impl LoadSpec {
+    /// The SLOs on the wall clock the records are taken on: a replica
+    /// simulated `speedup` times faster than real time meets a 500 ms engine
+    /// TTFT objective when its first token comes within 500 / speedup ms.
+    pub fn wall_clock_slo(&self, exp: &Experiment) -> Slo {
+        let f = crate::report::engine_time_factor(exp);
+        let scale = |v: Option<f64>| v.map(|ms| ms / f);
+        Slo {
+            ttft_ms: scale(self.slo.ttft_ms),
+            tpot_ms: scale(self.slo.tpot_ms),
+            e2el_ms: scale(self.slo.e2el_ms),
+        }
+    }
 }
 
 /// One arm: how its proxy is configured.
@@ -394,8 +409,9 @@ async fn wait_ready(proxy: &ChildProcess) -> Result<()> {
     })
 }
 
-/// Waits (at most 2 s) until the replicas have counted `done` finished requests
-/// in total: an engine may count a request just after its last byte went out.
+/// Waits (at most 10 s, returning as soon as they agree) until the replicas have
+/// counted `done` finished requests in total: an engine may count a request just
+/// after its last byte went out, and a loaded machine can delay that by seconds.
 async fn settle(urls: &[String], done: usize) {
     let mut clients = Vec::new();
     for u in urls {
@@ -403,7 +419,7 @@ async fn settle(urls: &[String], done: usize) {
             clients.push(c);
         }
     }
-    for _ in 0..20 {
+    for _ in 0..100 {
         let mut total = 0.0;
         for c in &clients {
             if let Ok((200, body)) = c.get("/metrics").await {
@@ -490,7 +506,7 @@ async fn run_arm(
     }
     let out = out?;
     alive?;
-    let summary = summarize(&out.records, out.duration_s, &exp.load.slo);
+    let summary = summarize(&out.records, out.duration_s, &exp.load.wall_clock_slo(exp));
     let meta = serde_json::json!({"arm": arm, "rep": rep, "rate": rate, "upstreams": urls, "interrupted": out.interrupted});
     write_results(dir, &out.records, &summary, &meta)?;
     let replicas = replica_results(&urls, &series);
