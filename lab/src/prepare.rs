@@ -1,13 +1,15 @@
 //! The tokenization stage, done once per workload: every request's prompt
-//! rendered and turned into token ids and prefix block hashes with the same
-//! functions the proxy and the simulated replica use
-//! (`sluice_policies::tokens`, `sluice_policies::prefix`), so a sweep of many
-//! deployments over one workload pays for it once.
+//! rendered and turned into token ids, prefix block hashes and the engine's
+//! prompt hash with the same functions the proxy and the simulated replica
+//! use (`sluice_policies::tokens`, `sluice_policies::prefix`,
+//! `sluice_enginesim::engine::prompt_hash`), so a sweep of many deployments
+//! over one workload pays for it once.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use sluice_bench::workload::{WorkloadRequest, read_workload};
+use sluice_enginesim::engine::prompt_hash;
 use sluice_policies::prefix::{BlockHash, block_hashes};
 use sluice_policies::tokens::estimate_token_ids;
 
@@ -30,8 +32,10 @@ pub struct PreparedRequest {
     pub stream: bool,
     /// Prompt token ids as the engine sees them.
     pub prompt: Arc<[u32]>,
-    /// Chained hashes of the prompt's full blocks, for routing.
+    /// Chained hashes of the prompt's full blocks, for routing and the engine's prefix cache.
     pub hashes: Arc<[BlockHash]>,
+    /// The engine's [`prompt_hash`] (seeds its output), computed once per workload.
+    pub prompt_hash: u64,
     /// Requested output tokens.
     pub max_tokens: u32,
     /// Generate exactly `max_tokens`.
@@ -71,6 +75,7 @@ impl PreparedWorkload {
                 .map_err(|e| LabError::invalid(format!("request {}: {e}", r.id)))?;
             let prompt: Arc<[u32]> = estimate_token_ids(&r.rendered_prompt()).into();
             let hashes: Arc<[BlockHash]> = block_hashes(&prompt, block_size as usize, None).into();
+            let prompt_hash = prompt_hash(&prompt);
             prepared.push(PreparedRequest {
                 id: r.id.clone(),
                 arrival_s: r.arrival_ms / 1000.0,
@@ -80,6 +85,7 @@ impl PreparedWorkload {
                 stream: r.stream,
                 prompt,
                 hashes,
+                prompt_hash,
                 max_tokens: r.max_tokens,
                 ignore_eos: r.ignore_eos,
             });

@@ -11,6 +11,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::sync::Arc;
 
 use sluice_bench::loadgen::record::RequestRecord;
 use sluice_bench::metrics::summarize;
@@ -114,6 +115,8 @@ struct Replica {
     key: String,
     engine: Engine,
     pending: Option<StepResult>,
+    /// The last delivered step's result, reused so steps do not allocate.
+    spare: StepResult,
     /// A scheduled wake-up for work that becomes ready later.
     wake_at: Option<f64>,
     gauges: EngineGauges,
@@ -151,8 +154,9 @@ struct Sim<'w> {
     admission: Option<PoolAdmission>,
     /// Admission-queue ticket → request.
     tickets: HashMap<u64, u32>,
-    route_hashes: Option<Vec<Vec<BlockHash>>>,
-    engine_hashes: Option<Vec<Vec<BlockHash>>>,
+    route_hashes: Option<Vec<Arc<[BlockHash]>>>,
+    /// Prompt hashes in the engines' block size when it differs from the workload's.
+    engine_hashes: Option<Vec<Arc<[BlockHash]>>>,
     engine_block_size: u32,
     capacity_blocks: u64,
     sample_every: f64,
@@ -185,6 +189,7 @@ impl<'w> Sim<'w> {
                 key,
                 engine,
                 pending: None,
+                spare: StepResult::default(),
                 wake_at: None,
                 scraped_at: 0.0,
                 in_flight: 0,
@@ -193,11 +198,11 @@ impl<'w> Sim<'w> {
                 reserved_blocks: 0,
             });
         }
-        let rehash = |bs: u32| -> Option<Vec<Vec<BlockHash>>> {
+        let rehash = |bs: u32| -> Option<Vec<Arc<[BlockHash]>>> {
             (bs != w.block_size).then(|| {
                 w.requests
                     .iter()
-                    .map(|r| block_hashes(&r.prompt, bs as usize, None))
+                    .map(|r| block_hashes(&r.prompt, bs as usize, None).into())
                     .collect()
             })
         };
@@ -238,7 +243,7 @@ impl<'w> Sim<'w> {
             admission: sc.admission.map(PoolAdmission::new),
             tickets: HashMap::new(),
             route_hashes: rehash(sc.routing.block_size()),
-            engine_hashes: (sc.scheduler == Scheduler::Spf)
+            engine_hashes: (cfg.enable_prefix_caching || sc.scheduler == Scheduler::Spf)
                 .then(|| rehash(engine_block_size))
                 .flatten(),
             engine_block_size,
@@ -572,9 +577,16 @@ impl<'w> Sim<'w> {
     fn enter_engine(&mut self, ri: u32, i: u32, priority: i32) {
         let now = self.now;
         let r = self.req(i);
+        // The engine shares the prepared prompt and its hashes instead of copying and rehashing.
+        let hashes = match &self.engine_hashes {
+            Some(h) => h[i as usize].clone(),
+            None => r.hashes.clone(),
+        };
         let req = EngineRequest {
             id: u64::from(i),
-            prompt_token_ids: r.prompt.to_vec(),
+            prompt_token_ids: r.prompt.clone(),
+            prompt_block_hashes: Some(hashes),
+            prompt_hash: Some(r.prompt_hash),
             max_tokens: Some(r.max_tokens),
             ignore_eos: r.ignore_eos,
             priority,
@@ -611,7 +623,8 @@ impl<'w> Sim<'w> {
                 self.wake(ri, at);
                 return;
             }
-            let res = rep.engine.step(now);
+            let mut res = std::mem::take(&mut rep.spare);
+            rep.engine.step_into(now, &mut res);
             rep.stats.preemptions += res.preempted.len() as u64;
             rep.stats.peak_kv_usage = rep.stats.peak_kv_usage.max(rep.engine.kv_usage());
             rep.stats.peak_waiting = rep.stats.peak_waiting.max(rep.engine.num_waiting() as u64);
@@ -624,6 +637,7 @@ impl<'w> Sim<'w> {
                 self.push(end, Kind::StepDone(ri));
                 return;
             }
+            rep.spare = res;
             empty += 1;
             if rep.engine.num_running() == 0 && empty == 1 {
                 // The queue's head may still be in the engine's API server
@@ -683,7 +697,7 @@ impl<'w> Sim<'w> {
 
     fn step_done(&mut self, ri: u32) {
         let now = self.now;
-        let Some(res) = self.replicas[ri as usize].pending.take() else {
+        let Some(mut res) = self.replicas[ri as usize].pending.take() else {
             return;
         };
         for tok in &res.tokens {
@@ -708,7 +722,7 @@ impl<'w> Sim<'w> {
                 Some(_) => t.chunks.push(now - t.arrival),
             }
         }
-        for f in res.finished {
+        for f in res.finished.drain(..) {
             let i = f.id as u32;
             self.release(ri, i);
             let t = &mut self.tracks[i as usize];
@@ -723,6 +737,7 @@ impl<'w> Sim<'w> {
             t.finished = Some(f);
             self.done += 1;
         }
+        self.replicas[ri as usize].spare = res;
         if self.sc.scheduler == Scheduler::Edf {
             self.release_held(ri);
         }
