@@ -18,14 +18,17 @@ use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
 use serde::Serialize;
 use sluice_policies::classify::RequestShape;
+use sluice_policies::admission::AdmissionRequest;
 use sluice_policies::prefix::block_hashes;
 use sluice_policies::routing::RouteRequest;
 
 use crate::body::{self, Endpoint};
 use crate::error::ProxyError;
-use crate::forward::Forward;
+use crate::admission::NotAdmitted;
+use crate::forward::{Forward, client_gone};
 use crate::lifecycle::Record;
 use crate::state::{Generation, Shared};
+use crate::tenant::rewrite_body;
 
 /// Tenant used until API keys map requests to tenants.
 pub const DEFAULT_TENANT: &str = "default";
@@ -246,6 +249,21 @@ impl Api {
         rec: &mut Record,
     ) -> Result<(), ProxyError> {
         let limits = &generation.config.limits;
+        // Who is asking, before spending anything on the body.
+        let authorization = session
+            .get_header("authorization")
+            .and_then(|v| v.to_str().ok());
+        let tenant = match generation.tenants.authenticate(authorization) {
+            Ok(t) => t,
+            Err(f) => {
+                rec.tenant = String::new();
+                self.shared.tenancy.metrics().reject("", f.as_str());
+                // The body stays unread: the connection cannot be reused.
+                session.set_keepalive(None);
+                return Err(ProxyError::Unauthorized(f));
+            }
+        };
+        rec.tenant = tenant.name.clone();
         let raw = read_body(session, limits.max_body_bytes).await?;
         let facts = body::parse(api, &raw, generation.config.lifecycle.include_prompts)?;
         rec.model = Some(facts.model.clone());
@@ -253,14 +271,14 @@ impl Api {
         rec.prompt_tokens = Some(facts.prompt_tokens);
         rec.prompt = facts.prompt_text.clone();
 
+        if !tenant.allows_model(&facts.model) {
+            return Err(ProxyError::UnknownModel(facts.model.clone()));
+        }
         let mut serving = generation.pools_for(&facts.model).peekable();
         let Some(first_pool) = serving.peek().map(|p| p.name().to_string()) else {
             return Err(ProxyError::UnknownModel(facts.model.clone()));
         };
         let eligible: Vec<&str> = serving.map(|p| p.name()).collect();
-
-        // Issue 6: authenticate here (API key → tenant, 401 otherwise).
-        let tenant = DEFAULT_TENANT;
 
         // Owned copy: `forward` reads it while the session is written to.
         let client_head = session.req_header().clone();
@@ -290,14 +308,58 @@ impl Api {
                 .in_flight
                 .with_label_values(&[pool.name()]),
         );
-        // Issue 6: tenant quota and the pool's KV-aware admission acquire their
-        // reservations here and store them in `_guard`.
+        // Tenant quota, then the pool's KV-aware admission. Both hold their
+        // reservations in guards that give them back when this function
+        // returns, however it returns (finish, error, client gone).
+        let quotas = self.shared.tenancy.quotas();
+        let mut permit = quotas
+            .admit(&tenant, facts.prompt_tokens, class.max_tokens)
+            .await
+            .map_err(ProxyError::Quota)?;
+        let max_tokens = permit.max_tokens;
+        rec.max_tokens = Some(max_tokens);
+        let mut admission = None;
+        if let Some(gate) = self.shared.tenancy.gate(pool) {
+            let req = AdmissionRequest {
+                tenant: &tenant.name,
+                priority: tenant.priority,
+                weight: tenant.weight,
+                prompt_tokens: facts.prompt_tokens,
+                cached_tokens: 0,
+                max_tokens,
+                ttft_slo_ms: None,
+            };
+            match gate.admit(&req, client_gone(session)).await {
+                Ok((slot, _)) => admission = Some(slot),
+                Err(NotAdmitted::ClientGone) => return Err(ProxyError::ClientGone),
+                Err(NotAdmitted::Shed(shed)) => {
+                    quotas
+                        .metrics()
+                        .reject(&tenant.name, shed.reason.as_str());
+                    return Err(ProxyError::Shed {
+                        status: shed.status.http_status(),
+                        reason: shed.reason.as_str(),
+                        message: shed.message,
+                        retry_after_ms: shed.retry_after_ms,
+                    });
+                }
+            }
+        }
 
-        let hashes = block_hashes(
-            &facts.prompt_ids,
-            pool.cfg.block_size,
-            facts.cache_salt.as_deref(),
-        );
+        // Cache isolation: the tenant's salt scopes both vLLM's prefix cache
+        // (`cache_salt` on the forwarded body) and the proxy's prefix index.
+        let salt = tenant.effective_salt(facts.cache_salt.as_deref());
+        let raw = if tenant.cache_salt.is_some() || permit.clamped {
+            let cap = permit.clamped.then_some(max_tokens);
+            let salt = tenant.cache_salt.as_ref().and(salt.as_deref());
+            match rewrite_body(&raw, salt, cap) {
+                Some(b) => Bytes::from(b),
+                None => raw,
+            }
+        } else {
+            raw
+        };
+        let hashes = block_hashes(&facts.prompt_ids, pool.cfg.block_size, salt.as_deref());
         let inject_usage = facts.stream
             && pool.cfg.stream_usage
             && !facts.has_stream_options
@@ -330,18 +392,41 @@ impl Api {
             route: RouteRequest {
                 block_hashes: &hashes,
                 prompt_tokens: facts.prompt_tokens,
-                max_tokens: class.max_tokens,
-                tenant,
+                max_tokens,
+                tenant: &tenant.name,
                 class: class.class,
                 now_ms,
             },
-            load_tokens: u64::from(facts.prompt_tokens) + u64::from(class.max_tokens),
+            load_tokens: u64::from(facts.prompt_tokens) + u64::from(max_tokens),
+            extra_headers: &permit.headers,
             request_id,
             arrival,
         };
         let result = forward.run(session, rec).await;
         if rec.prompt_tokens.is_none() {
             rec.prompt_tokens = Some(facts.prompt_tokens);
+        }
+        // Usage accounting and settlement, from the upstream's own usage when it sent one.
+        let usage = quotas.metrics();
+        let prompt = u64::from(rec.prompt_tokens.unwrap_or(facts.prompt_tokens));
+        if rec.endpoint.is_some() {
+            usage.prompt_tokens.with_label_values(&[&tenant.name]).inc_by(prompt);
+        }
+        if let Some(c) = rec.cached_tokens {
+            usage
+                .cached_prompt_tokens
+                .with_label_values(&[&tenant.name])
+                .inc_by(u64::from(c));
+        }
+        if let Some(out) = rec.output_tokens {
+            usage
+                .completion_tokens
+                .with_label_values(&[&tenant.name])
+                .inc_by(u64::from(out));
+            permit.record_usage(prompt + u64::from(out));
+            if let Some(slot) = admission.as_mut() {
+                slot.record_output(out);
+            }
         }
         result
     }
@@ -468,6 +553,9 @@ async fn write_error(
     let _ = h.insert_header("content-type", "application/json");
     let _ = h.insert_header("content-length", body.len().to_string());
     let _ = h.insert_header("x-sluice-error", "true");
+    for (name, value) in err.headers() {
+        let _ = h.insert_header(name, value);
+    }
     if let Some(id) = request_id {
         let _ = h.insert_header("x-request-id", id);
     }

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 
 /// Bytes buffered before a write goes out without a flush (a typical
 /// response head plus a small JSON body fit).
-const WRITE_BUFFER: usize = 16 * 1024;
+const WRITE_BUFFER: usize = 4 * 1024;
 
 /// An accepted TCP connection whose writes are buffered until flushed.
 #[derive(Debug)]

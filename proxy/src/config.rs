@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use sluice_policies::classify::{ClassRule, Classifier};
 use toml::Spanned;
 
+use crate::config_tenants::{AuthConfig, QuotaConfig, TenantConfig};
 use crate::error::ProxyError;
+use sluice_policies::admission::AdmissionConfig;
 use sluice_policies::routing::RoutingConfig;
 
 /// The whole configuration file.
@@ -36,6 +38,15 @@ pub struct Config {
     /// Request classes, tried in order.
     #[serde(default)]
     pub classes: Vec<Spanned<ClassRule>>,
+    /// Tenants (API keys, limits, priority); none: authentication is off.
+    #[serde(default)]
+    pub tenants: Vec<Spanned<TenantConfig>>,
+    /// Requests without an API key.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Where rate and token budgets live (local or Redis).
+    #[serde(default)]
+    pub quota: QuotaConfig,
 }
 
 /// `[server]`: listeners.
@@ -180,6 +191,9 @@ pub struct PoolConfig {
     /// Passive ejection on failures.
     #[serde(default)]
     pub ejection: EjectionConfig,
+    /// KV-aware admission control; absent: every request goes straight to routing.
+    #[serde(default)]
+    pub admission: Option<AdmissionConfig>,
 }
 
 fn default_dns_refresh_ms() -> u64 {
@@ -474,6 +488,7 @@ impl Config {
             health: HealthConfig::default(),
             scrape: ScrapeConfig::default(),
             ejection: EjectionConfig::default(),
+            admission: None,
         };
         let cfg = Config {
             server: ServerConfig::default(),
@@ -481,6 +496,9 @@ impl Config {
             lifecycle: LifecycleConfig::default(),
             pools: vec![Spanned::new(0..0, pool)],
             classes: Vec::new(),
+            tenants: Vec::new(),
+            auth: AuthConfig::default(),
+            quota: QuotaConfig::default(),
         };
         cfg.validate(None)
             .map_err(|m| ProxyError::Config(format!("--upstream: {m}")))?;
@@ -617,6 +635,10 @@ impl Config {
                     "`scrape.stale_after_ms` must be at least `scrape.interval_ms`".into(),
                 ));
             }
+            if let Some(a) = &p.admission {
+                a.validate(&format!("{key}.admission"))
+                    .map_err(|m| fail(m.to_string()))?;
+            }
             let e = &p.ejection;
             if e.max_ejection_percent > 100 {
                 return Err(fail(
@@ -642,6 +664,7 @@ impl Config {
             }
         }
         self.classifier().map_err(|e| e.to_string())?;
+        crate::config_tenants::validate(&self.tenants, &self.auth, &self.quota, &at)?;
         Ok(())
     }
 

@@ -67,6 +67,26 @@ pub enum ProxyError {
     /// The client went away; nothing is sent back.
     #[error("client disconnected")]
     ClientGone,
+    /// No API key, or one that matches no tenant (401).
+    #[error("{}", .0.message())]
+    Unauthorized(crate::tenant::AuthFailure),
+    /// A tenant quota refused the request (429, 400 for per-request caps, 503
+    /// when the quota backend is down and fails closed).
+    #[error("{}", .0.message)]
+    Quota(crate::quota::QuotaRefusal),
+    /// Admission control shed the request (429: the tenant is over its share
+    /// of the queue; 503: the pool is overloaded).
+    #[error("{message}")]
+    Shed {
+        /// 429 or 503.
+        status: u16,
+        /// `queue_full`, `displaced` or `queue_timeout`.
+        reason: &'static str,
+        /// What happened, safe to show.
+        message: String,
+        /// For `Retry-After`.
+        retry_after_ms: u64,
+    },
 }
 
 /// The OpenAI error object: `{"error":{"message","type","param","code"}}`.
@@ -104,6 +124,9 @@ impl ProxyError {
             Self::UpstreamFailed(_) => 502,
             Self::NoHealthyUpstream { .. } => 503,
             Self::Timeout(_) => 504,
+            Self::Unauthorized(_) => 401,
+            Self::Quota(r) => r.status,
+            Self::Shed { status, .. } => *status,
             // 499 is the de-facto "client closed request" code; only ever logged.
             Self::ClientGone => 499,
             Self::Config(_) | Self::Io { .. } => 500,
@@ -123,6 +146,15 @@ impl ProxyError {
             Self::UpstreamFailed(_) => "upstream_error",
             Self::Timeout(_) => "timeout",
             Self::ClientGone | Self::Config(_) | Self::Io { .. } => "internal_error",
+            Self::Unauthorized(_) => "invalid_request_error",
+            Self::Quota(r) => match r.status {
+                400 => "invalid_request_error",
+                503 => "service_unavailable",
+                _ if r.reason.contains("token") => "tokens",
+                _ => "requests",
+            },
+            Self::Shed { status: 429, .. } => "requests",
+            Self::Shed { .. } => "service_unavailable",
         }
     }
 
@@ -135,6 +167,10 @@ impl ProxyError {
             Self::NoHealthyUpstream { .. } => Some("no_healthy_upstream"),
             Self::UpstreamFailed(_) => Some("upstream_failed"),
             Self::Timeout(_) => Some("upstream_timeout"),
+            Self::Unauthorized(f) => Some(f.as_str()),
+            Self::Quota(r) => Some(r.code),
+            Self::Shed { status: 429, .. } => Some("rate_limit_exceeded"),
+            Self::Shed { .. } => Some("pool_overloaded"),
             _ => None,
         }
     }
@@ -154,6 +190,9 @@ impl ProxyError {
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::Timeout(what) => what,
             Self::ClientGone => "client_gone",
+            Self::Unauthorized(f) => f.as_str(),
+            Self::Quota(r) => r.reason,
+            Self::Shed { reason, .. } => reason,
         }
     }
 
@@ -163,6 +202,7 @@ impl ProxyError {
         let param = match self {
             Self::BadRequest { param, .. } => *param,
             Self::UnknownModel(_) => Some("model"),
+            Self::Quota(r) => r.param,
             _ => None,
         };
         let body = ErrorBody {
@@ -177,6 +217,23 @@ impl ProxyError {
         serde_json::to_vec(&body)
             .map(Bytes::from)
             .unwrap_or_else(|_| Bytes::from_static(br#"{"error":{"message":"internal error","type":"internal_error","param":null,"code":null}}"#))
+    }
+
+    /// Headers the error response carries besides the body: `Retry-After`
+    /// and the `x-ratelimit-*` values of a quota refusal.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let retry = |ms: u64| ("retry-after", sluice_policies::quota::retry_after_secs(ms).to_string());
+        match self {
+            Self::Quota(r) => {
+                let mut h = r.headers.clone();
+                if let Some(ms) = r.retry_after_ms {
+                    h.push(retry(ms));
+                }
+                h
+            }
+            Self::Shed { retry_after_ms, .. } => vec![retry(*retry_after_ms)],
+            _ => Vec::new(),
+        }
     }
 
     /// The same error as one SSE event, for failures after a stream started.

@@ -92,6 +92,8 @@ pub struct Forward<'a> {
     pub route: RouteRequest<'a>,
     /// Prompt + planned output tokens, for the in-flight token count.
     pub load_tokens: u64,
+    /// Headers the proxy adds to the response (the tenant's `x-ratelimit-*`).
+    pub extra_headers: &'a [(&'static str, String)],
     /// Request id sent upstream and back.
     pub request_id: &'a str,
     /// When the request head was read.
@@ -485,6 +487,10 @@ impl Forward<'_> {
         }
         resp.insert_header("x-request-id", self.request_id)
             .map_err(internal)?;
+        for (name, value) in self.extra_headers {
+            resp.insert_header(*name, value.as_str())
+                .map_err(internal)?;
+        }
         Ok(resp)
     }
 

@@ -10,10 +10,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod api;
 pub mod body;
 pub mod client_stream;
 pub mod config;
+pub mod config_tenants;
 pub mod endpoint;
 pub mod error;
 pub mod forward;
@@ -22,11 +24,16 @@ pub mod metrics;
 pub mod outlier;
 pub mod pool;
 pub mod probe;
+pub mod quota;
+pub mod redis_quota;
 pub mod scrape;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tenancy;
+pub mod tenant;
 pub mod upstream_pool;
+pub mod usage;
 
 pub use config::Config;
 pub use error::ProxyError;

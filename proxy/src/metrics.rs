@@ -148,6 +148,11 @@ impl Metrics {
         m
     }
 
+    /// The registry, for families defined elsewhere (tenant usage, admission).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

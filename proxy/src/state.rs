@@ -14,6 +14,8 @@ use crate::error::ProxyError;
 use crate::lifecycle::{Clock, LifecycleLog};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::tenancy::{Tenancy, build_directory};
+use crate::tenant::Directory;
 use crate::upstream_pool::UpstreamPool;
 
 /// Idle keep-alive connections kept per replica.
@@ -66,6 +68,8 @@ pub struct Generation {
     pub classifier: Classifier,
     /// Where lifecycle records go.
     pub lifecycle: LifecycleLog,
+    /// API keys → tenants.
+    pub tenants: Directory,
     /// When it was loaded.
     pub loaded_at: Instant,
 }
@@ -88,6 +92,8 @@ pub struct Shared {
     next_id: AtomicU64,
     /// Keep-alive connections to replicas.
     pub upstream: UpstreamPool,
+    /// Quota state and admission gates (they outlive config generations).
+    pub tenancy: Tenancy,
     /// Metrics registry.
     pub metrics: Metrics,
     /// Wall-clock anchor.
@@ -113,11 +119,13 @@ impl Shared {
         arm: Option<String>,
     ) -> Result<Arc<Self>, ProxyError> {
         let metrics = Metrics::new();
+        let tenancy = Tenancy::new(&config, metrics.registry()).map_err(ProxyError::Config)?;
         let generation = build_generation(1, config, None, &metrics, seed)?;
         let shared = Arc::new(Self {
             generation: RwLock::new(Arc::clone(&generation)),
             next_id: AtomicU64::new(2),
             upstream: UpstreamPool::new(IDLE_PER_REPLICA, UPSTREAM_IDLE),
+            tenancy,
             metrics,
             clock: Clock::new(),
             config_path,
@@ -169,6 +177,9 @@ impl Shared {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let generation = build_generation(id, config, Some(&old), &self.metrics, self.seed)?;
+        self.tenancy
+            .reconfigure(&generation.config)
+            .map_err(ProxyError::Config)?;
         for p in &generation.pools {
             p.start_tasks(&self.metrics);
         }
@@ -191,6 +202,7 @@ fn build_generation(
     seed: u64,
 ) -> Result<Arc<Generation>, ProxyError> {
     let classifier = config.classifier()?;
+    let tenants = build_directory(&config).map_err(ProxyError::Config)?;
     let lifecycle = match previous {
         Some(p) if p.config.lifecycle.log == config.lifecycle.log => p.lifecycle.clone(),
         _ => LifecycleLog::open(&config.lifecycle.log, metrics.clone())?,
@@ -209,6 +221,7 @@ fn build_generation(
         pools,
         classifier,
         lifecycle,
+        tenants,
         loaded_at: Instant::now(),
     }))
 }

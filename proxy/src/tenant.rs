@@ -193,6 +193,29 @@ impl Directory {
     }
 }
 
+/// The request body with `cache_salt` and/or the output cap replaced, or
+/// `None` when it is not a JSON object (the parser accepted it, so this does
+/// not happen in practice).
+pub fn rewrite_body(raw: &[u8], salt: Option<&str>, max_tokens: Option<u32>) -> Option<Vec<u8>> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw).ok()?;
+    if let Some(s) = salt {
+        v.insert("cache_salt".into(), s.into());
+    }
+    if let Some(m) = max_tokens {
+        let mut set = false;
+        for k in ["max_tokens", "max_completion_tokens"] {
+            if v.contains_key(k) {
+                v.insert(k.into(), m.into());
+                set = true;
+            }
+        }
+        if !set {
+            v.insert("max_tokens".into(), m.into());
+        }
+    }
+    serde_json::to_vec(&v).ok()
+}
+
 /// The token of `Bearer TOKEN` (scheme case-insensitive).
 fn bearer(v: &str) -> Option<&str> {
     let (scheme, token) = v.split_once(' ')?;
@@ -288,6 +311,18 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("both"), "{e}");
+    }
+
+    #[test]
+    fn bodies_get_salt_and_cap() {
+        let b = rewrite_body(br#"{"model":"m","max_completion_tokens":90,"cache_salt":"x"}"#, Some("s"), Some(8))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!((v["cache_salt"].as_str(), v["max_completion_tokens"].as_u64()), (Some("s"), Some(8)));
+        assert!(v.get("max_tokens").is_none());
+        let b = rewrite_body(br#"{"model":"m"}"#, None, Some(8)).unwrap();
+        assert!(String::from_utf8(b).unwrap().contains("\"max_tokens\":8"));
+        assert!(rewrite_body(b"[1]", Some("s"), None).is_none());
     }
 
     #[test]
