@@ -261,3 +261,73 @@ fn dns_endpoints_are_resolved() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(p.records(1)[0]["endpoint"], sim.addr.as_str());
 }
+
+#[test]
+fn configured_tokenizer_decides_prefix_hashes() {
+    // With the tiny word-level vocabulary every unknown word is token 0, so
+    // prompts with different words but the same length have the same token
+    // ids: prefix_affinity must send them all to one replica, and that
+    // replica (given the same tokenizer) serves them from its prefix cache.
+    let tok = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/tokenizers/tiny-wordlevel.json"
+    );
+    let sims: Vec<Sim> = (0..3)
+        .map(|i| {
+            Sim::start(&[
+                "--speedup",
+                "20",
+                "--seed",
+                &(i + 1).to_string(),
+                "--tokenizer",
+                tok,
+            ])
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(tok, dir.path().join("tokenizer.json")).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "tok.toml",
+        &format!(
+            "[[pools]]\nname = \"p\"\nmodel = \"{MODEL}\"\ntokenizer = \"tokenizer.json\"\nendpoints = [\"{}\", \"{}\", \"{}\"]\n[pools.routing]\npolicy = \"prefix_affinity\"\n",
+            sims[0].addr, sims[1].addr, sims[2].addr
+        ),
+    );
+    let (ok, text) = check(cfg.to_str().unwrap());
+    assert!(ok && text.contains("tokenizer.json"), "{text}");
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+    for w in ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"] {
+        let prompt = format!("{w} ").repeat(96);
+        let r = p.api.post(
+            "/v1/completions",
+            &serde_json::json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.json()["usage"]["prompt_tokens"],
+            96,
+            "the replica used the same tokenizer"
+        );
+    }
+    let recs = p.records(6);
+    let used: std::collections::HashSet<&str> = recs
+        .iter()
+        .map(|r| r["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        used.len(),
+        1,
+        "equal token ids went to different replicas: {recs:?}"
+    );
+    assert!(
+        recs[5]["cached_tokens"].as_u64().unwrap() > 0,
+        "{}",
+        recs[5]
+    );
+
+    // A broken tokenizer file is a config error, named.
+    std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+    let (ok, text) = check(cfg.to_str().unwrap());
+    assert!(!ok && text.contains("tokenizer"), "{text}");
+}

@@ -17,18 +17,22 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
 use serde::Serialize;
-use sluice_policies::classify::RequestShape;
 use sluice_policies::admission::AdmissionRequest;
+use sluice_policies::classify::RequestShape;
 use sluice_policies::prefix::block_hashes;
 use sluice_policies::routing::RouteRequest;
+use sluice_policies::tokenizer::Tokenizer;
 
+use crate::admission::NotAdmitted;
 use crate::body::{self, Endpoint};
 use crate::error::ProxyError;
-use crate::admission::NotAdmitted;
 use crate::forward::{Forward, client_gone};
 use crate::lifecycle::Record;
 use crate::state::{Generation, Shared};
 use crate::tenant::rewrite_body;
+
+/// Token counting for requests whose model no pool serves (they get a 404 anyway).
+static ESTIMATE: Tokenizer = Tokenizer::Estimate;
 
 /// Tenant used until API keys map requests to tenants.
 pub const DEFAULT_TENANT: &str = "default";
@@ -265,7 +269,19 @@ impl Api {
         };
         rec.tenant = tenant.name.clone();
         let raw = read_body(session, limits.max_body_bytes).await?;
-        let facts = body::parse(api, &raw, generation.config.lifecycle.include_prompts)?;
+        // Pools serving one model share a tokenizer in any sane config; use the first one's.
+        let facts = body::parse(
+            api,
+            &raw,
+            generation.config.lifecycle.include_prompts,
+            |model| {
+                generation
+                    .pools
+                    .iter()
+                    .find(|p| p.cfg.serves(model))
+                    .map_or(&ESTIMATE, |p| &p.tokenizer)
+            },
+        )?;
         rec.model = Some(facts.model.clone());
         rec.stream = facts.stream;
         rec.prompt_tokens = Some(facts.prompt_tokens);
@@ -333,9 +349,7 @@ impl Api {
                 Ok((slot, _)) => admission = Some(slot),
                 Err(NotAdmitted::ClientGone) => return Err(ProxyError::ClientGone),
                 Err(NotAdmitted::Shed(shed)) => {
-                    quotas
-                        .metrics()
-                        .reject(&tenant.name, shed.reason.as_str());
+                    quotas.metrics().reject(&tenant.name, shed.reason.as_str());
                     return Err(ProxyError::Shed {
                         status: shed.status.http_status(),
                         reason: shed.reason.as_str(),
@@ -410,7 +424,10 @@ impl Api {
         let usage = quotas.metrics();
         let prompt = u64::from(rec.prompt_tokens.unwrap_or(facts.prompt_tokens));
         if rec.endpoint.is_some() {
-            usage.prompt_tokens.with_label_values(&[&tenant.name]).inc_by(prompt);
+            usage
+                .prompt_tokens
+                .with_label_values(&[&tenant.name])
+                .inc_by(prompt);
         }
         if let Some(c) = rec.cached_tokens {
             usage

@@ -9,7 +9,8 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
-use sluice_policies::tokens::{ChatMessage, estimate_token_ids, render_chat};
+use sluice_policies::tokenizer::Tokenizer;
+use sluice_policies::tokens::{ChatMessage, render_chat};
 
 use crate::error::ProxyError;
 
@@ -137,10 +138,11 @@ fn count(n: usize) -> u32 {
 }
 
 /// Parses `body` for `endpoint`; `keep_prompt` keeps the rendered prompt text.
-pub fn parse(
+pub fn parse<'t>(
     endpoint: Endpoint,
     body: &[u8],
     keep_prompt: bool,
+    tokenizer_for: impl FnOnce(&str) -> &'t Tokenizer,
 ) -> Result<RequestFacts, ProxyError> {
     let raw: Raw<'_> = serde_json::from_slice(body).map_err(|e| {
         ProxyError::bad_request(format!(
@@ -151,6 +153,7 @@ pub fn parse(
         Some(m) if !m.is_empty() => m.into_owned(),
         _ => return Err(bad("you must provide a model parameter", "model")),
     };
+    let tokenizer = tokenizer_for(&model);
     let max_tokens = match raw.max_completion_tokens.or(raw.max_tokens) {
         None => None,
         Some(n) if n >= 0 => Some(u32::try_from(n).unwrap_or(u32::MAX)),
@@ -182,14 +185,14 @@ pub fn parse(
                 })
                 .collect();
             let text = render_chat(&msgs);
-            let ids = estimate_token_ids(&text);
+            let ids = tokenizer.encode(&text);
             let n = count(ids.len());
             (ids, n, keep_prompt.then_some(text))
         }
         Endpoint::Completions => match raw.prompt {
             None => return Err(bad("'prompt' is a required property", "prompt")),
             Some(RawPrompt::Text(t)) => {
-                let ids = estimate_token_ids(&t);
+                let ids = tokenizer.encode(&t);
                 let n = count(ids.len());
                 (ids, n, keep_prompt.then(|| t.into_owned()))
             }
@@ -201,7 +204,7 @@ pub fn parse(
                 let mut total = 0usize;
                 let mut first = Vec::new();
                 for (i, t) in ts.iter().enumerate() {
-                    let ids = estimate_token_ids(t);
+                    let ids = tokenizer.encode(t);
                     total += ids.len();
                     if i == 0 {
                         first = ids;
@@ -263,11 +266,17 @@ pub fn with_include_usage(body: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_policies::tokens::estimate_token_ids;
+
+    fn est(_: &str) -> &'static Tokenizer {
+        static EST: Tokenizer = Tokenizer::Estimate;
+        &EST
+    }
 
     #[test]
     fn chat_prompt_matches_the_shared_rendering() {
         let body = br#"{"model":"m","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hello "},{"type":"text","text":"there"}]}],"max_tokens":7,"stream":true}"#;
-        let f = parse(Endpoint::Chat, body, true).unwrap();
+        let f = parse(Endpoint::Chat, body, true, est).unwrap();
         let want = render_chat(&[
             ChatMessage {
                 role: "system".into(),
@@ -293,6 +302,7 @@ mod tests {
             Endpoint::Completions,
             br#"{"model":"m","prompt":[1,2,3]}"#,
             false,
+            est,
         )
         .unwrap();
         assert_eq!(f.prompt_ids, vec![1, 2, 3]);
@@ -300,6 +310,7 @@ mod tests {
             Endpoint::Completions,
             br#"{"model":"m","prompt":["a b","c"]}"#,
             false,
+            est,
         )
         .unwrap();
         assert_eq!(f.prompt_tokens, 3);
@@ -307,6 +318,7 @@ mod tests {
             Endpoint::Completions,
             br#"{"model":"m","prompt":[[1],[2,3]],"max_completion_tokens":4,"max_tokens":9}"#,
             false,
+            est,
         )
         .unwrap();
         assert_eq!((f.prompt_tokens, f.max_tokens), (3, Some(4)));
@@ -314,25 +326,27 @@ mod tests {
 
     #[test]
     fn bad_bodies_say_what_is_wrong() {
-        let e = parse(Endpoint::Chat, b"{not json", false).unwrap_err();
+        let e = parse(Endpoint::Chat, b"{not json", false, est).unwrap_err();
         assert_eq!(e.status(), 400);
         let e = parse(
             Endpoint::Chat,
             br#"{"messages":[{"role":"user","content":"x"}]}"#,
             false,
+            est,
         )
         .unwrap_err();
         assert!(e.to_string().contains("model"));
-        let e = parse(Endpoint::Chat, br#"{"model":"m"}"#, false).unwrap_err();
+        let e = parse(Endpoint::Chat, br#"{"model":"m"}"#, false, est).unwrap_err();
         assert!(e.to_string().contains("messages"));
         let e = parse(
             Endpoint::Completions,
             br#"{"model":"m","prompt":"x","max_tokens":-1}"#,
             false,
+            est,
         )
         .unwrap_err();
         assert!(e.to_string().contains("max_tokens"));
-        assert!(parse(Endpoint::Embeddings, br#"{"model":"m"}"#, false).is_err());
+        assert!(parse(Endpoint::Embeddings, br#"{"model":"m"}"#, false, est).is_err());
     }
 
     #[test]

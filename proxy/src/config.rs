@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sluice_policies::classify::{ClassRule, Classifier};
@@ -18,6 +18,7 @@ use crate::config_tenants::{AuthConfig, QuotaConfig, TenantConfig};
 use crate::error::ProxyError;
 use sluice_policies::admission::AdmissionConfig;
 use sluice_policies::routing::RoutingConfig;
+use sluice_policies::tokenizer::Tokenizer;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +170,11 @@ pub struct PoolConfig {
     /// How often `dns` is re-resolved.
     #[serde(default = "default_dns_refresh_ms")]
     pub dns_refresh_ms: u64,
+    /// A Hugging Face `tokenizer.json` for counting and hashing prompts
+    /// (relative to the config file); the word-piece estimate when unset.
+    /// Give the replicas (or `sluice sim --tokenizer`) the same file.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
     /// KV-cache block size in tokens for prefix hashing (vLLM's `--block-size`).
     #[serde(default = "default_block_size")]
     pub block_size: usize,
@@ -461,7 +467,27 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ProxyError> {
         let src = std::fs::read_to_string(path)
             .map_err(|e| ProxyError::Config(format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&src, &path.display().to_string())
+        let mut cfg = Self::parse(&src, &path.display().to_string())?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        for p in &mut cfg.pools {
+            if let Some(t) = &mut p.get_mut().tokenizer {
+                if t.is_relative() {
+                    *t = base.join(&*t);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Loads every pool's tokenizer, in pool order (errors name the file).
+    pub fn tokenizers(&self) -> Result<Vec<Tokenizer>, ProxyError> {
+        self.pools()
+            .map(|p| match &p.tokenizer {
+                Some(path) => Tokenizer::from_file(path)
+                    .map_err(|e| ProxyError::Config(format!("pool `{}`: tokenizer: {e}", p.name))),
+                None => Ok(Tokenizer::Estimate),
+            })
+            .collect()
     }
 
     /// Parses and validates config text; `origin` names it in errors.
@@ -481,6 +507,7 @@ impl Config {
             endpoints: upstreams.to_vec(),
             dns: None,
             dns_refresh_ms: default_dns_refresh_ms(),
+            tokenizer: None,
             block_size: default_block_size(),
             stream_usage: true,
             routing: RoutingConfig::default(),
@@ -717,7 +744,17 @@ impl Config {
                 }
             }
             let _ = writeln!(o, "  routing: {}", describe_routing(&p.routing));
-            let _ = writeln!(o, "  prefix blocks: {} tokens", p.block_size);
+            let _ = writeln!(
+                o,
+                "  tokens: {}; prefix blocks of {} tokens",
+                p.tokenizer
+                    .as_ref()
+                    .map_or("word-piece estimate".to_string(), |t| format!(
+                        "tokenizer {}",
+                        t.display()
+                    )),
+                p.block_size
+            );
             let t = &p.timeouts;
             let _ = writeln!(
                 o,

@@ -269,8 +269,8 @@ mod tests {
         assert!(e.contains("weight"), "{e}");
         let e = check("[[tenants]]\nname = \"a b\"").unwrap_err();
         assert!(e.contains("name"), "{e}");
-        let e = check("[[tenants]]\nname = \"a\"\n[tenants.limits]\nmax_concurrent = 0")
-            .unwrap_err();
+        let e =
+            check("[[tenants]]\nname = \"a\"\n[tenants.limits]\nmax_concurrent = 0").unwrap_err();
         assert!(e.contains("max_concurrent"), "{e}");
         assert!(check("[[tenants]]\nname = \"a\"\nkeys = []").is_err());
     }

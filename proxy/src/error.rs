@@ -222,7 +222,12 @@ impl ProxyError {
     /// Headers the error response carries besides the body: `Retry-After`
     /// and the `x-ratelimit-*` values of a quota refusal.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let retry = |ms: u64| ("retry-after", sluice_policies::quota::retry_after_secs(ms).to_string());
+        let retry = |ms: u64| {
+            (
+                "retry-after",
+                sluice_policies::quota::retry_after_secs(ms).to_string(),
+            )
+        };
         match self {
             Self::Quota(r) => {
                 let mut h = r.headers.clone();

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sluice_policies::routing::{self, Decision, EndpointView, RouteRequest, Router};
+use sluice_policies::tokenizer::Tokenizer;
 use tokio::sync::watch;
 
 use crate::config::{Discovery, PoolConfig};
@@ -27,6 +28,8 @@ const MAX_SCRAPE_BYTES: usize = 4 * 1024 * 1024;
 pub struct Pool {
     /// Its config.
     pub cfg: PoolConfig,
+    /// Counts and hashes its prompts.
+    pub tokenizer: Tokenizer,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     router: Arc<Mutex<Box<dyn Router>>>,
     policy: &'static str,
@@ -44,7 +47,12 @@ pub struct Routed {
 impl Pool {
     /// Builds a pool, reusing endpoints (and the router, when its config is
     /// unchanged) from `previous`, the same-named pool of the old generation.
-    pub fn new(cfg: PoolConfig, previous: Option<&Pool>, seed: u64) -> Arc<Self> {
+    pub fn new(
+        cfg: PoolConfig,
+        tokenizer: Tokenizer,
+        previous: Option<&Pool>,
+        seed: u64,
+    ) -> Arc<Self> {
         let old: HashMap<SocketAddr, Arc<Endpoint>> = previous
             .map(|p| {
                 p.endpoints()
@@ -70,6 +78,7 @@ impl Pool {
         let (stop, _) = watch::channel(false);
         Arc::new(Self {
             cfg,
+            tokenizer,
             endpoints: RwLock::new(Arc::new(endpoints)),
             router,
             policy,

@@ -14,6 +14,7 @@
 //! the usage recorded with [`QuotaPermit::record_usage`].
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -104,6 +105,8 @@ pub struct Quotas {
     tenants: DashMap<String, Arc<TenantState>>,
     redis: Option<Arc<RedisQuota>>,
     fail_policy: FailPolicy,
+    /// Whether the last backend call failed: logs go out on changes only.
+    backend_down: AtomicBool,
     metrics: UsageMetrics,
     epoch: Instant,
 }
@@ -138,6 +141,7 @@ impl Quotas {
             tenants: DashMap::new(),
             redis,
             fail_policy: cfg.on_backend_error,
+            backend_down: AtomicBool::new(false),
             metrics,
             epoch: Instant::now(),
         })
@@ -191,14 +195,12 @@ impl Quotas {
             rate: RwLock::new(Rates::build(&limits)),
             quota: Mutex::new(TenantQuota::new(limits, now_ms)),
             slots: self.metrics.slots.with_label_values(&[&tenant.name]),
-            reserved: self.metrics.reserved_tokens.with_label_values(&[&tenant.name]),
+            reserved: self
+                .metrics
+                .reserved_tokens
+                .with_label_values(&[&tenant.name]),
         });
-        Arc::clone(
-            self.tenants
-                .entry(tenant.name.clone())
-                .or_insert(s)
-                .value(),
-        )
+        Arc::clone(self.tenants.entry(tenant.name.clone()).or_insert(s).value())
     }
 
     /// Checks every quota of `tenant` for a request of `prompt_tokens` and
@@ -218,12 +220,10 @@ impl Quotas {
         let grant = {
             let mut q = lock(&state.quota);
             let g = q.admit(prompt_tokens, max_tokens, now_ms);
-            if g.is_ok() {
-                let h = q.headers(now_ms);
-                headers.limit_tokens = h.limit_tokens;
-                headers.remaining_tokens = h.remaining_tokens;
-                headers.reset_tokens_ms = h.reset_tokens_ms;
-            }
+            let h = q.headers(now_ms);
+            headers.limit_tokens = h.limit_tokens;
+            headers.remaining_tokens = h.remaining_tokens;
+            headers.reset_tokens_ms = h.reset_tokens_ms;
             g
         };
         let grant = grant.map_err(|d| self.refused(tenant, denial(&d, &headers)))?;
@@ -253,6 +253,9 @@ impl Quotas {
                 let cost = u64::from(prompt_tokens) + u64::from(permit.max_tokens);
                 match redis.admit(&tenant.name, limits, cost).await {
                     Ok(o) => {
+                        if self.backend_down.swap(false, Ordering::Relaxed) {
+                            tracing::warn!("quota backend reachable again; limits enforced");
+                        }
                         headers = RateLimitHeaders {
                             limit_requests: rate_limit_shown(&tenant.limits),
                             remaining_requests: o.remaining_requests.unwrap_or(0),
@@ -264,10 +267,13 @@ impl Quotas {
                         if let Some(r) = redis_refusal(o.verdict, o.retry_after_ms, tenant, cost) {
                             // Dropping the permit returns the local slot; nothing was reserved in Redis.
                             drop(permit);
-                            return Err(self.refused(tenant, QuotaRefusal {
-                                headers: headers.pairs(),
-                                ..r
-                            }));
+                            return Err(self.refused(
+                                tenant,
+                                QuotaRefusal {
+                                    headers: headers.pairs(),
+                                    ..r
+                                },
+                            ));
                         }
                         if limits.tpm > 0 {
                             permit.redis = Some(RedisHold {
@@ -284,12 +290,21 @@ impl Quotas {
                             .backend_errors
                             .with_label_values(&["redis", self.fail_policy.as_str()])
                             .inc();
+                        if !self.backend_down.swap(true, Ordering::Relaxed) {
+                            tracing::error!(
+                                error = %e.0,
+                                policy = self.fail_policy.as_str(),
+                                "quota backend unavailable; failing {} ({}) until it answers again",
+                                self.fail_policy.as_str(),
+                                match self.fail_policy {
+                                    FailPolicy::Open => "requests admitted without rate and token limits",
+                                    FailPolicy::Closed => "requests refused with 503",
+                                }
+                            );
+                        }
                         match self.fail_policy {
-                            FailPolicy::Open => {
-                                tracing::warn!(tenant = %tenant.name, error = %e.0, "quota backend unavailable; failing open (request admitted without rate/token limits)");
-                            }
+                            FailPolicy::Open => {}
                             FailPolicy::Closed => {
-                                tracing::warn!(tenant = %tenant.name, error = %e.0, "quota backend unavailable; failing closed (503)");
                                 drop(permit);
                                 return Err(self.refused(tenant, QuotaRefusal {
                                     status: 503,
@@ -308,7 +323,10 @@ impl Quotas {
         }
         state.reserved.add(gauge_i64(permit.reserved_gauge));
         permit.headers = headers.pairs();
-        self.metrics.requests.with_label_values(&[&tenant.name]).inc();
+        self.metrics
+            .requests
+            .with_label_values(&[&tenant.name])
+            .inc();
         Ok(permit)
     }
 
@@ -366,7 +384,11 @@ fn rate_check(
                     reset_requests_ms: wait_ms,
                     ..Default::default()
                 };
-                let unit = if period_ms == 1000 { "second" } else { "minute" };
+                let unit = if period_ms == 1000 {
+                    "second"
+                } else {
+                    "minute"
+                };
                 return Err(QuotaRefusal {
                     status: 429,
                     reason: name,
@@ -578,14 +600,23 @@ mod tests {
             ..Default::default()
         });
         let a = q.admit(&t, 10, 10).await.unwrap();
-        assert!(a.headers.contains(&("x-ratelimit-limit-requests", "2".into())));
-        assert!(a.headers.contains(&("x-ratelimit-remaining-requests", "1".into())));
+        assert!(
+            a.headers
+                .contains(&("x-ratelimit-limit-requests", "2".into()))
+        );
+        assert!(
+            a.headers
+                .contains(&("x-ratelimit-remaining-requests", "1".into()))
+        );
         let _b = q.admit(&t, 10, 10).await.unwrap();
         let r = q.admit(&t, 10, 10).await.unwrap_err();
         assert_eq!((r.status, r.reason), (429, "requests_per_minute"));
         let retry = r.retry_after_ms.unwrap();
         assert!(retry > 20_000 && retry <= 30_000, "{retry}");
-        assert!(r.headers.contains(&("x-ratelimit-remaining-requests", "0".into())));
+        assert!(
+            r.headers
+                .contains(&("x-ratelimit-remaining-requests", "0".into()))
+        );
     }
 
     #[tokio::test]
@@ -598,7 +629,10 @@ mod tests {
         });
         let mut a = q.admit(&t, 100, 400).await.unwrap();
         assert_eq!(a.reserved_tokens(), 500);
-        assert!(a.headers.contains(&("x-ratelimit-remaining-tokens", "500".into())));
+        assert!(
+            a.headers
+                .contains(&("x-ratelimit-remaining-tokens", "500".into()))
+        );
         let r = q.admit(&t, 1, 1).await.unwrap_err();
         assert_eq!((r.status, r.reason), (429, "concurrency"));
         a.record_usage(150);

@@ -178,8 +178,8 @@ impl RedisQuota {
     /// A backend for `url`; connects lazily, so a Redis that is down at start-up
     /// is handled like one that goes down later.
     pub fn new(url: &str, timeout: Duration, prefix: &str) -> Result<Self, BackendError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| BackendError(format!("quota.redis_url: {e}")))?;
+        let client =
+            redis::Client::open(url).map_err(|e| BackendError(format!("quota.redis_url: {e}")))?;
         Ok(Self {
             client,
             conn: Mutex::new(None),
@@ -203,11 +203,9 @@ impl RedisQuota {
         if lock(&self.down_until).is_some_and(|t| Instant::now() < t) {
             return Err(BackendError("redis unreachable (backing off)".into()));
         }
-        let result = tokio::time::timeout(
-            self.timeout,
-            self.client.get_multiplexed_async_connection(),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(self.timeout, self.client.get_multiplexed_async_connection())
+                .await;
         match result {
             Ok(Ok(c)) => {
                 *lock(&self.conn) = Some(c.clone());
@@ -241,13 +239,12 @@ impl RedisQuota {
             .arg(limits.rpm)
             .arg(limits.tpm)
             .arg(cost);
-        let reply: Vec<i64> = match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn))
-            .await
-        {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(self.mark_down(format!("redis admit: {e}"))),
-            Err(_) => return Err(self.mark_down("redis admit timed out".into())),
-        };
+        let reply: Vec<i64> =
+            match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.mark_down(format!("redis admit: {e}"))),
+                Err(_) => return Err(self.mark_down("redis admit timed out".into())),
+            };
         parse_admit(&reply).ok_or_else(|| BackendError(format!("redis admit: bad reply {reply:?}")))
     }
 
@@ -393,7 +390,10 @@ mod tests {
         }
         assert_eq!(allowed, 3);
         // Another tenant has its own budget.
-        assert_eq!(q.admit("b", rate, 0).await.unwrap().verdict, RedisVerdict::Allowed);
+        assert_eq!(
+            q.admit("b", rate, 0).await.unwrap().verdict,
+            RedisVerdict::Allowed
+        );
 
         let tokens = RedisLimits {
             tpm: 1000,
@@ -408,7 +408,10 @@ mod tests {
         // Settle: 600 reserved, 100 used → 500 come back.
         let left = q.settle("c", 1000, 600, 100).await.unwrap();
         assert!((899..=902).contains(&left), "{left}");
-        assert_eq!(q.admit("c", tokens, 600).await.unwrap().verdict, RedisVerdict::Allowed);
+        assert_eq!(
+            q.admit("c", tokens, 600).await.unwrap().verdict,
+            RedisVerdict::Allowed
+        );
         assert_eq!(
             q.admit("c", tokens, 1001).await.unwrap().verdict,
             RedisVerdict::TooLarge

@@ -71,6 +71,7 @@ pub struct CheckArgs {
 /// Validates a config file and returns its explanation.
 pub fn check(args: &CheckArgs) -> Result<String, ProxyError> {
     let cfg = Config::load(&args.config)?;
+    cfg.tokenizers()?;
     Ok(format!("{}: OK\n{}", args.config.display(), cfg.explain()))
 }
 

@@ -207,12 +207,14 @@ fn build_generation(
         Some(p) if p.config.lifecycle.log == config.lifecycle.log => p.lifecycle.clone(),
         _ => LifecycleLog::open(&config.lifecycle.log, metrics.clone())?,
     };
+    let tokenizers = config.tokenizers()?;
     let pools = config
         .pools()
+        .zip(tokenizers)
         .enumerate()
-        .map(|(i, p)| {
+        .map(|(i, (p, tok))| {
             let prev = previous.and_then(|g| g.pool(&p.name)).map(|a| a.as_ref());
-            Pool::new(p.clone(), prev, seed.wrapping_add(i as u64))
+            Pool::new(p.clone(), tok, prev, seed.wrapping_add(i as u64))
         })
         .collect();
     Ok(Arc::new(Generation {

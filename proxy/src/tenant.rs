@@ -127,7 +127,10 @@ impl Directory {
             let mut digests = Vec::new();
             for d in &t.api_key_sha256 {
                 digests.push(parse_digest(d).ok_or_else(|| {
-                    format!("tenant `{}`: api_key_sha256 `{d}` is not 64 hex digits", t.name)
+                    format!(
+                        "tenant `{}`: api_key_sha256 `{d}` is not 64 hex digits",
+                        t.name
+                    )
                 })?);
             }
             for var in &t.api_key_env {
@@ -274,7 +277,10 @@ mod tests {
             d.authenticate(Some("Bearer sk-c")).unwrap_err(),
             AuthFailure::Unknown
         );
-        assert_eq!(d.authenticate(Some("sk-a")).unwrap_err(), AuthFailure::Unknown);
+        assert_eq!(
+            d.authenticate(Some("sk-a")).unwrap_err(),
+            AuthFailure::Unknown
+        );
         assert_eq!(d.authenticate(None).unwrap_err(), AuthFailure::Missing);
     }
 
@@ -301,8 +307,12 @@ mod tests {
 
     #[test]
     fn missing_env_and_shared_keys_are_errors() {
-        let e = Directory::build(&[tenant("a", &[], &["NOPE"])], &AuthConfig::default(), &no_env)
-            .unwrap_err();
+        let e = Directory::build(
+            &[tenant("a", &[], &["NOPE"])],
+            &AuthConfig::default(),
+            &no_env,
+        )
+        .unwrap_err();
         assert!(e.contains("NOPE"), "{e}");
         let e = Directory::build(
             &[tenant("a", &["k"], &[]), tenant("b", &["k"], &[])],
@@ -315,10 +325,20 @@ mod tests {
 
     #[test]
     fn bodies_get_salt_and_cap() {
-        let b = rewrite_body(br#"{"model":"m","max_completion_tokens":90,"cache_salt":"x"}"#, Some("s"), Some(8))
-            .unwrap();
+        let b = rewrite_body(
+            br#"{"model":"m","max_completion_tokens":90,"cache_salt":"x"}"#,
+            Some("s"),
+            Some(8),
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!((v["cache_salt"].as_str(), v["max_completion_tokens"].as_u64()), (Some("s"), Some(8)));
+        assert_eq!(
+            (
+                v["cache_salt"].as_str(),
+                v["max_completion_tokens"].as_u64()
+            ),
+            (Some("s"), Some(8))
+        );
         assert!(v.get("max_tokens").is_none());
         let b = rewrite_body(br#"{"model":"m"}"#, None, Some(8)).unwrap();
         assert!(String::from_utf8(b).unwrap().contains("\"max_tokens\":8"));

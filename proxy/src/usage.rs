@@ -57,19 +57,70 @@ impl UsageMetrics {
     /// Creates the families and registers them in `registry` (duplicates are ignored).
     pub fn new(registry: &Registry) -> Self {
         let m = Self {
-            requests: counter("sluice_tenant_requests_total", "Requests admitted past quota, by tenant.", &["tenant"]),
-            prompt_tokens: counter("sluice_tenant_prompt_tokens_total", "Prompt tokens of finished requests, by tenant (upstream usage, else the proxy's count).", &["tenant"]),
-            cached_prompt_tokens: counter("sluice_tenant_cached_prompt_tokens_total", "Prompt tokens served from prefix cache, by tenant (upstream usage).", &["tenant"]),
-            completion_tokens: counter("sluice_tenant_completion_tokens_total", "Completion tokens of finished requests, by tenant (upstream usage).", &["tenant"]),
-            rejected: counter("sluice_tenant_rejected_requests_total", "Requests refused by authentication, quota or admission, by tenant and reason.", &["tenant", "reason"]),
-            slots: gauge("sluice_tenant_concurrency_slots", "Concurrency slots held, by tenant.", &["tenant"]),
-            reserved_tokens: gauge("sluice_tenant_reserved_tokens", "Tokens reserved against the token budget and not yet settled, by tenant.", &["tenant"]),
-            queue_len: gauge("sluice_admission_queue_length", "Requests waiting in the pool's admission queue.", &["pool"]),
-            kv_blocks: gauge("sluice_admission_kv_reserved_blocks", "KV blocks admitted by this proxy and not yet released.", &["pool"]),
-            decisions: counter("sluice_admission_decisions_total", "Admission outcomes, by pool: admitted, queued, dequeued, shed_429, shed_503, timeout, cancelled.", &["pool", "outcome"]),
-            queue_wait: HistogramVec::new(HistogramOpts::new("sluice_admission_queue_wait_seconds", "Time requests spent in the admission queue before admission.").buckets(WAIT_BUCKETS.to_vec()), &["pool"])
-                .unwrap_or_else(|e| panic!("invalid metric definition queue_wait: {e}")),
-            backend_errors: counter("sluice_quota_backend_errors_total", "Quota checks the backend could not answer, by backend and the fail policy applied.", &["backend", "policy"]),
+            requests: counter(
+                "sluice_tenant_requests_total",
+                "Requests admitted past quota, by tenant.",
+                &["tenant"],
+            ),
+            prompt_tokens: counter(
+                "sluice_tenant_prompt_tokens_total",
+                "Prompt tokens of finished requests, by tenant (upstream usage, else the proxy's count).",
+                &["tenant"],
+            ),
+            cached_prompt_tokens: counter(
+                "sluice_tenant_cached_prompt_tokens_total",
+                "Prompt tokens served from prefix cache, by tenant (upstream usage).",
+                &["tenant"],
+            ),
+            completion_tokens: counter(
+                "sluice_tenant_completion_tokens_total",
+                "Completion tokens of finished requests, by tenant (upstream usage).",
+                &["tenant"],
+            ),
+            rejected: counter(
+                "sluice_tenant_rejected_requests_total",
+                "Requests refused by authentication, quota or admission, by tenant and reason.",
+                &["tenant", "reason"],
+            ),
+            slots: gauge(
+                "sluice_tenant_concurrency_slots",
+                "Concurrency slots held, by tenant.",
+                &["tenant"],
+            ),
+            reserved_tokens: gauge(
+                "sluice_tenant_reserved_tokens",
+                "Tokens reserved against the token budget and not yet settled, by tenant.",
+                &["tenant"],
+            ),
+            queue_len: gauge(
+                "sluice_admission_queue_length",
+                "Requests waiting in the pool's admission queue.",
+                &["pool"],
+            ),
+            kv_blocks: gauge(
+                "sluice_admission_kv_reserved_blocks",
+                "KV blocks admitted by this proxy and not yet released.",
+                &["pool"],
+            ),
+            decisions: counter(
+                "sluice_admission_decisions_total",
+                "Admission outcomes, by pool: admitted, queued, dequeued, shed_429, shed_503, timeout, cancelled.",
+                &["pool", "outcome"],
+            ),
+            queue_wait: HistogramVec::new(
+                HistogramOpts::new(
+                    "sluice_admission_queue_wait_seconds",
+                    "Time requests spent in the admission queue before admission.",
+                )
+                .buckets(WAIT_BUCKETS.to_vec()),
+                &["pool"],
+            )
+            .unwrap_or_else(|e| panic!("invalid metric definition queue_wait: {e}")),
+            backend_errors: counter(
+                "sluice_quota_backend_errors_total",
+                "Quota checks the backend could not answer, by backend and the fail policy applied.",
+                &["backend", "policy"],
+            ),
         };
         let all: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
