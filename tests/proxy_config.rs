@@ -195,6 +195,8 @@ fn admin_listener_reports_state_and_metrics() {
             .status,
         200
     );
+    // The lifecycle record is written after the request's metrics are counted.
+    p.records(1);
     assert_eq!(p.admin.get("/healthz").status, 200);
     assert_eq!(p.admin.get("/readyz").status, 200);
     // Scraped engine gauges show up with their age.
@@ -290,7 +292,7 @@ fn configured_tokenizer_decides_prefix_hashes() {
         dir.path(),
         "tok.toml",
         &format!(
-            "[[pools]]\nname = \"p\"\nmodel = \"{MODEL}\"\ntokenizer = \"tokenizer.json\"\nendpoints = [\"{}\", \"{}\", \"{}\"]\n[pools.routing]\npolicy = \"prefix_affinity\"\n",
+            "[[pools]]\nname = \"p\"\nmodel = \"{MODEL}\"\ntokenizer = \"tokenizer.json\"\nendpoints = [\"{}\", \"{}\", \"{}\"]\n[pools.routing]\npolicy = \"prefix_affinity\"\n[pools.scrape]\nenabled = false\n",
             sims[0].addr, sims[1].addr, sims[2].addr
         ),
     );

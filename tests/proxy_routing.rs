@@ -225,7 +225,19 @@ fn shared_prefix_requests(p: &Proxy) -> (HashSet<String>, HashSet<String>) {
 #[test]
 fn prefix_affinity_keeps_shared_prefixes_together() {
     let sims = sims(3, &[]);
-    let p = Proxy::over(&sims, &["--policy", "prefix_affinity"]);
+    // Without engine gauges: a scrape taken while the previous request was
+    // still running would (rightly) trip the bounded-load rule and make the
+    // placement depend on timing. The proxy's own in-flight count stays.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "pa.toml",
+        &format!(
+            "[[pools]]\nname = \"p\"\nmodel = \"{MODEL}\"\nendpoints = [\"{}\", \"{}\", \"{}\"]\n[pools.routing]\npolicy = \"prefix_affinity\"\n[pools.scrape]\nenabled = false\n",
+            sims[0].addr, sims[1].addr, sims[2].addr
+        ),
+    );
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
     let (shared, unrelated) = shared_prefix_requests(&p);
     assert_eq!(
         shared.len(),
