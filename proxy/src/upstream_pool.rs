@@ -9,7 +9,7 @@
 //! closed (or that has unexpected bytes waiting) reads as ready and is
 //! dropped. Pingora's HTTP/1 client session still speaks the protocol.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
@@ -33,7 +33,7 @@ pub enum ConnectError {
 /// Idle keep-alive connections per replica address.
 #[derive(Debug)]
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(Stream, Instant)>>>,
+    idle: Mutex<HashMap<SocketAddr, VecDeque<(Stream, Instant)>>>,
     max_idle_per_replica: usize,
     idle_timeout: Duration,
 }
@@ -55,7 +55,7 @@ impl UpstreamPool {
         loop {
             let (mut stream, since) = {
                 let mut idle = lock(&self.idle);
-                idle.get_mut(&addr)?.pop()?
+                idle.get_mut(&addr)?.pop_back()?
             };
             if now.saturating_duration_since(since) < self.idle_timeout && is_quiet(&mut stream) {
                 return Some(stream);
@@ -66,10 +66,19 @@ impl UpstreamPool {
 
     /// Returns a connection whose last response was read completely.
     pub fn put(&self, addr: SocketAddr, stream: Stream) {
+        let now = Instant::now();
         let mut idle = lock(&self.idle);
         let list = idle.entry(addr).or_default();
+        // The oldest wait at the front; drop the expired ones so closed
+        // sockets do not sit in the pool behind busy ones.
+        while list
+            .front()
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= self.idle_timeout)
+        {
+            list.pop_front();
+        }
         if list.len() < self.max_idle_per_replica {
-            list.push((stream, Instant::now()));
+            list.push_back((stream, now));
         }
     }
 
