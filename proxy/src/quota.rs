@@ -254,7 +254,8 @@ impl Quotas {
                 match redis.admit(&tenant.name, limits, cost).await {
                     Ok(o) => {
                         if self.backend_down.swap(false, Ordering::Relaxed) {
-                            tracing::warn!("quota backend reachable again; limits enforced");
+                            tracing::warn!("quota backend reachable again");
+                            eprintln!("sluice: quota backend reachable again; limits enforced");
                         }
                         headers = RateLimitHeaders {
                             limit_requests: rate_limit_shown(&tenant.limits),
@@ -291,15 +292,19 @@ impl Quotas {
                             .with_label_values(&["redis", self.fail_policy.as_str()])
                             .inc();
                         if !self.backend_down.swap(true, Ordering::Relaxed) {
-                            tracing::error!(
-                                error = %e.0,
-                                policy = self.fail_policy.as_str(),
-                                "quota backend unavailable; failing {} ({}) until it answers again",
-                                self.fail_policy.as_str(),
-                                match self.fail_policy {
-                                    FailPolicy::Open => "requests admitted without rate and token limits",
-                                    FailPolicy::Closed => "requests refused with 503",
+                            let what = match self.fail_policy {
+                                FailPolicy::Open => {
+                                    "requests admitted without rate and token limits"
                                 }
+                                FailPolicy::Closed => "requests refused with 503",
+                            };
+                            let policy = self.fail_policy.as_str();
+                            tracing::error!(error = %e.0, policy, "quota backend unavailable");
+                            // The proxy's operational messages go to stderr (no subscriber is
+                            // installed); one line per outage, not per request.
+                            eprintln!(
+                                "sluice: quota backend unavailable ({}); failing {policy}: {what} until it answers again",
+                                e.0
                             );
                         }
                         match self.fail_policy {
