@@ -632,6 +632,16 @@ policy = "cache_aware"
     }
 
     #[test]
+    fn shipped_experiments_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+        let e = Experiment::load(&dir.join("mooncake.toml")).unwrap();
+        assert_eq!((e.fleet.replicas, e.fleet.sim.speedup), (4, 4.0));
+        // The trace is replayed at its own rate in engine time.
+        assert_eq!(e.load.time_scale, Some(1.0 / e.fleet.sim.speedup));
+        assert_eq!(e.workload.path, Some(dir.join("mooncake.jsonl")));
+    }
+
+    #[test]
     fn replica_deltas_and_config_templates() {
         let s = |t: f64, req: f64, hits: f64| EngineSample {
             t_s: t,
