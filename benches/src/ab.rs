@@ -487,11 +487,15 @@ async fn run_arm(
     let model = (!sims.is_empty()).then(|| exp.fleet.sim.model.clone());
     let client = ApiClient::connect(&proxy.url, model, None).await?;
     let (scrape_stop_tx, scrape_stop) = watch::channel(false);
+    let (baseline_tx, baseline) = tokio::sync::oneshot::channel();
     let scraper = tokio::spawn(scrape_until(
         urls.clone(),
         Duration::from_millis(exp.scrape_interval_ms),
         scrape_stop,
+        baseline_tx,
     ));
+    // Per-replica counts are deltas from the first scrape: take it before any load.
+    let _ = baseline.await;
     let cfg = exp.load_config(rate)?;
     let out = run_load(client, workload.to_vec(), &cfg, ctx.stop.clone()).await;
     if let Ok(o) = &out {

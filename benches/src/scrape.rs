@@ -89,11 +89,16 @@ pub fn parse_sample(text: &str, t_s: f64) -> EngineSample {
 
 /// Scrapes every replica every `interval` until `stop` turns true, then once more.
 /// Returns one time series per replica (a failed scrape leaves a gap).
+///
+/// `baseline` fires once the first round is in: counters are read as deltas
+/// from it, so load that starts earlier would go partly uncounted.
 pub async fn scrape_until(
     urls: Vec<String>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
+    baseline: tokio::sync::oneshot::Sender<()>,
 ) -> Vec<Vec<EngineSample>> {
+    let mut baseline = Some(baseline);
     let mut clients = Vec::new();
     for u in &urls {
         clients.push(ApiClient::connect(u, Some(String::new()), None).await.ok());
@@ -122,6 +127,10 @@ pub async fn scrape_until(
             if let Some(sample) = sample {
                 s.push(sample);
             }
+        }
+        if let Some(b) = baseline.take() {
+            // The receiver may have stopped waiting; nothing to tell then.
+            let _ = b.send(());
         }
         if last {
             return series;
