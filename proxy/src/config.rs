@@ -831,6 +831,16 @@ impl Config {
                 "  otherwise: class `default` on the first pool serving the model"
             );
         }
+        let admission: Vec<_> = self
+            .pools()
+            .map(|p| (p.name.as_str(), p.admission.as_ref()))
+            .collect();
+        o.push_str(&crate::config_tenants::explain(
+            &self.tenants,
+            &self.auth,
+            &self.quota,
+            &admission,
+        ));
         o
     }
 }

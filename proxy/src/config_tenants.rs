@@ -192,6 +192,81 @@ pub fn validate(
     Ok(())
 }
 
+/// The `sluice check` lines for tenants, quotas and admission.
+pub fn explain(
+    tenants: &[Spanned<TenantConfig>],
+    auth: &AuthConfig,
+    quota: &QuotaConfig,
+    admission: &[(&str, Option<&sluice_policies::admission::AdmissionConfig>)],
+) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    if tenants.is_empty() {
+        let _ = writeln!(
+            o,
+            "tenants: none (no authentication; every request is tenant `default`, unlimited)"
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "tenants: API key required ({}), quotas kept {}",
+            match &auth.anonymous_tenant {
+                Some(a) => format!("requests without one are tenant `{a}`"),
+                None => "missing or unknown key -> 401".into(),
+            },
+            match quota.backend {
+                QuotaBackend::Local => "in this process (per proxy replica)".to_string(),
+                QuotaBackend::Redis => format!(
+                    "in Redis (fleet-wide; fail {} when unreachable)",
+                    quota.on_backend_error.as_str()
+                ),
+            }
+        );
+        for t in tenants.iter().map(Spanned::get_ref) {
+            let keys = t.api_key_sha256.len() + t.api_key_env.len();
+            let limits = toml::to_string(&t.limits)
+                .map(|s| s.lines().collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "  {}: {keys} key(s), priority {}, weight {}{}, limits: {}",
+                t.name,
+                t.priority.as_str(),
+                t.weight,
+                if t.cache_isolation {
+                    ", cache-isolated"
+                } else {
+                    ""
+                },
+                if limits.is_empty() {
+                    "none".into()
+                } else {
+                    limits
+                }
+            );
+        }
+    }
+    for (pool, a) in admission {
+        match a {
+            Some(a) if a.enabled => {
+                let _ = writeln!(
+                    o,
+                    "admission `{pool}`: KV usage <= {}, engine waiting <= {} per replica, queue `{}` (<= {} requests, <= {} ms)",
+                    a.max_kv_usage,
+                    a.max_engine_waiting,
+                    a.order.as_str(),
+                    a.max_queue_len,
+                    a.max_queue_wait_ms
+                );
+            }
+            _ => {
+                let _ = writeln!(o, "admission `{pool}`: off");
+            }
+        }
+    }
+    o
+}
+
 /// A hex SHA-256 digest as bytes.
 pub fn parse_digest(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
