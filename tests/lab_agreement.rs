@@ -134,6 +134,14 @@ fn simulate_agrees_with_a_live_run() {
             "round_robin",
             "--seed",
             "0",
+            // The live path tokenizes and hashes each 2,000-token prompt twice
+            // (proxy and simulator, debug builds here) and crosses two HTTP
+            // hops: ~5 ms that the engine model does not see. Model it the
+            // way `sluice simulate` offers for exactly this, as a per-token
+            // front-end cost, so the comparison is of the engine and the
+            // routing rather than of a constant offset.
+            "--tokenize-us-per-token",
+            "2.5",
         ])
         .arg("--out")
         .arg(&sim_dir)
