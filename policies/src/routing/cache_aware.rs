@@ -12,16 +12,14 @@
 //! where its blocks will now be cached.
 
 use super::load::least_by;
-use super::prefix_index::{EndpointSlot, PrefixIndex, scope_of};
+use super::prefix_index::PrefixMatcher;
 use super::{CacheAwareParams, Decision, EndpointView, Reason, RouteRequest, Router, request_load};
 
 /// Longest prefix match, guarded by load balance.
 #[derive(Debug)]
 pub struct CacheAware {
     params: CacheAwareParams,
-    index: PrefixIndex,
-    slots: Vec<Option<EndpointSlot>>,
-    matches: Vec<u32>,
+    prefixes: PrefixMatcher,
     calls: u64,
 }
 
@@ -29,10 +27,8 @@ impl CacheAware {
     /// An empty index of `params.max_index_blocks` blocks, hash-keyed by `seed`.
     pub fn new(params: CacheAwareParams, seed: u64) -> Self {
         CacheAware {
-            index: PrefixIndex::new(params.max_index_blocks, seed),
+            prefixes: PrefixMatcher::new(params.max_index_blocks, seed, params.tenant_scoped),
             params,
-            slots: Vec::new(),
-            matches: Vec::new(),
             calls: 0,
         }
     }
@@ -48,22 +44,14 @@ impl Router for CacheAware {
             return None;
         }
         self.calls = self.calls.wrapping_add(1);
-        let scope = if self.params.tenant_scoped {
-            scope_of(req.tenant)
-        } else {
-            0
-        };
         let blocks = req.block_hashes;
-        self.index
-            .resolve(endpoints.iter().map(|ep| ep.key), &mut self.slots);
-        self.index
-            .match_lengths(blocks, scope, &self.slots, &mut self.matches);
+        let matches = self.prefixes.match_all(req, endpoints);
 
         let least = least_by(endpoints, self.calls, |_, ep| request_load(&ep.load));
         // Longest match; among equal matches the less loaded.
-        let best_match = self.matches.iter().copied().max().unwrap_or(0);
+        let best_match = matches.iter().copied().max().unwrap_or(0);
         let best = least_by(endpoints, self.calls, |i, ep| {
-            if self.matches[i] == best_match {
+            if matches[i] == best_match {
                 request_load(&ep.load)
             } else {
                 f64::INFINITY
@@ -85,18 +73,16 @@ impl Router for CacheAware {
                 (best, Reason::PrefixHit)
             }
         };
-        if let Some(slot) = self.slots[index] {
-            self.index.record(blocks, scope, slot);
-        }
+        let matched_blocks = self.prefixes.record(blocks, index);
         Some(Decision {
             index,
             reason,
-            matched_blocks: self.matches[index],
+            matched_blocks,
         })
     }
 
     fn state_size(&self) -> usize {
-        self.index.len()
+        self.prefixes.len()
     }
 }
 

@@ -40,6 +40,7 @@ use std::collections::HashMap;
 use foldhash::fast::FixedState;
 
 use crate::prefix::{BlockHash, stable_hash};
+use crate::routing::{EndpointView, RouteRequest};
 
 /// Most distinct endpoints tracked at once (bits in an entry's mask).
 pub const MAX_ENDPOINTS: usize = 128;
@@ -377,6 +378,66 @@ impl PrefixIndex {
         self.old.clear();
         self.slots.clear();
         self.slot_of.clear();
+    }
+}
+
+/// The per-pick prefix matching of the policies that track prefixes
+/// (`cache_aware`, `scored`): resolve the candidates to index slots, measure
+/// each one's match, then record the prompt against the chosen endpoint. It
+/// owns its scratch buffers, so a pick allocates nothing.
+#[derive(Debug)]
+pub struct PrefixMatcher {
+    index: PrefixIndex,
+    tenant_scoped: bool,
+    slots: Vec<Option<EndpointSlot>>,
+    matches: Vec<u32>,
+    scope: u64,
+}
+
+impl PrefixMatcher {
+    /// An empty index of `capacity` entries, hash-keyed by `seed`; with
+    /// `tenant_scoped`, one tenant's prompts never match another's.
+    pub fn new(capacity: usize, seed: u64, tenant_scoped: bool) -> Self {
+        PrefixMatcher {
+            index: PrefixIndex::new(capacity, seed),
+            tenant_scoped,
+            slots: Vec::new(),
+            matches: Vec::new(),
+            scope: 0,
+        }
+    }
+
+    /// Matched leading blocks of `req`'s prompt on each of `endpoints`, in order.
+    pub fn match_all(&mut self, req: &RouteRequest<'_>, endpoints: &[EndpointView<'_>]) -> &[u32] {
+        self.scope = if self.tenant_scoped {
+            scope_of(req.tenant)
+        } else {
+            0
+        };
+        self.index
+            .resolve(endpoints.iter().map(|ep| ep.key), &mut self.slots);
+        self.index
+            .match_lengths(req.block_hashes, self.scope, &self.slots, &mut self.matches);
+        &self.matches
+    }
+
+    /// Records `blocks` (the prompt last passed to [`Self::match_all`]) as
+    /// cached on endpoint `i` of that call, and returns its match length there.
+    pub fn record(&mut self, blocks: &[BlockHash], i: usize) -> u32 {
+        if let Some(slot) = self.slots.get(i).copied().flatten() {
+            self.index.record(blocks, self.scope, slot);
+        }
+        self.matches.get(i).copied().unwrap_or(0)
+    }
+
+    /// Entries in the index.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

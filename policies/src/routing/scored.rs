@@ -15,16 +15,14 @@
 //! idle one. When every candidate is unknown the terms are equal and drop out.
 
 use super::load::{kv_load, rendezvous};
-use super::prefix_index::{EndpointSlot, PrefixIndex, scope_of};
+use super::prefix_index::PrefixMatcher;
 use super::{Decision, EndpointView, Reason, RouteRequest, Router, ScoredParams};
 
 /// Weighted normalised scoring.
 #[derive(Debug)]
 pub struct Scored {
     params: ScoredParams,
-    index: PrefixIndex,
-    slots: Vec<Option<EndpointSlot>>,
-    matches: Vec<u32>,
+    prefixes: PrefixMatcher,
     calls: u64,
 }
 
@@ -32,29 +30,28 @@ impl Scored {
     /// An empty prefix index of `params.max_index_blocks` blocks, hash-keyed by `seed`.
     pub fn new(params: ScoredParams, seed: u64) -> Self {
         Scored {
-            index: PrefixIndex::new(params.max_index_blocks, seed),
+            prefixes: PrefixMatcher::new(params.max_index_blocks, seed, params.tenant_scoped),
             params,
-            slots: Vec::new(),
-            matches: Vec::new(),
             calls: 0,
         }
     }
 
-    /// The weighted score of endpoint `i` among candidates whose largest
-    /// waiting queue and in-flight count are `max_waiting` and `max_in_flight`.
+    /// The weighted score of endpoint `ep`, whose prefix match is `matched` of
+    /// the prompt's `blocks`, among candidates whose largest waiting queue and
+    /// in-flight count are `max_waiting` and `max_in_flight`.
     fn score(
-        &self,
-        i: usize,
+        params: &ScoredParams,
+        matched: u32,
         ep: &EndpointView<'_>,
         max_waiting: f64,
         max_in_flight: f64,
         blocks: usize,
     ) -> f64 {
-        let w = &self.params.weights;
+        let w = &params.weights;
         let prefix = if blocks == 0 {
             0.0
         } else {
-            f64::from(self.matches[i]) / blocks as f64
+            f64::from(matched) / blocks as f64
         };
         let (queue, kv) = match ep.load.engine {
             Some(g) => {
@@ -68,7 +65,7 @@ impl Scored {
                 } else {
                     1.0
                 };
-                let kv = kv_load(&ep.load, self.params.block_size).unwrap_or(1.0);
+                let kv = kv_load(&ep.load, params.block_size).unwrap_or(1.0);
                 (queue, 1.0 - kv.clamp(0.0, 1.0))
             }
             None => (0.0, 0.0),
@@ -92,16 +89,8 @@ impl Router for Scored {
             return None;
         }
         self.calls = self.calls.wrapping_add(1);
-        let scope = if self.params.tenant_scoped {
-            scope_of(req.tenant)
-        } else {
-            0
-        };
         let blocks = req.block_hashes;
-        self.index
-            .resolve(endpoints.iter().map(|ep| ep.key), &mut self.slots);
-        self.index
-            .match_lengths(blocks, scope, &self.slots, &mut self.matches);
+        let matches = self.prefixes.match_all(req, endpoints);
 
         let max_waiting = endpoints
             .iter()
@@ -117,7 +106,14 @@ impl Router for Scored {
         let mut best_score = f64::NEG_INFINITY;
         let mut best_w = 0;
         for (i, ep) in endpoints.iter().enumerate() {
-            let s = self.score(i, ep, max_waiting, max_in_flight, blocks.len());
+            let s = Self::score(
+                &self.params,
+                matches[i],
+                ep,
+                max_waiting,
+                max_in_flight,
+                blocks.len(),
+            );
             let s = if s.is_finite() { s } else { f64::NEG_INFINITY };
             // Equal scores spread by a rotating rendezvous weight.
             if i == 0 || s > best_score {
@@ -132,18 +128,16 @@ impl Router for Scored {
                 }
             }
         }
-        if let Some(slot) = self.slots[best] {
-            self.index.record(blocks, scope, slot);
-        }
+        let matched_blocks = self.prefixes.record(blocks, best);
         Some(Decision {
             index: best,
             reason: Reason::Score,
-            matched_blocks: self.matches[best],
+            matched_blocks,
         })
     }
 
     fn state_size(&self) -> usize {
-        self.index.len()
+        self.prefixes.len()
     }
 }
 
