@@ -121,6 +121,8 @@ struct Replica {
     wake_at: Option<f64>,
     gauges: EngineGauges,
     scraped_at: f64,
+    /// `in_flight` when `gauges` were scraped (the proxy's own share of them).
+    in_flight_at_scrape: u32,
     in_flight: u32,
     in_flight_tokens: u64,
     /// EDF: requests routed here waiting for KV room, by (deadline key, idx).
@@ -192,6 +194,7 @@ impl<'w> Sim<'w> {
                 spare: StepResult::default(),
                 wake_at: None,
                 scraped_at: 0.0,
+                in_flight_at_scrape: 0,
                 in_flight: 0,
                 in_flight_tokens: 0,
                 held: BTreeSet::new(),
@@ -485,6 +488,11 @@ impl<'w> Sim<'w> {
                     in_flight: rep.in_flight,
                     in_flight_tokens: rep.in_flight_tokens,
                     engine: Some(self.gauges(rep)),
+                    in_flight_at_scrape: if self.sc.scrape_interval_s > 0.0 {
+                        rep.in_flight_at_scrape
+                    } else {
+                        rep.in_flight
+                    },
                 },
             })
             .collect();
@@ -778,6 +786,7 @@ impl<'w> Sim<'w> {
         for rep in &mut self.replicas {
             rep.gauges = rep.live_gauges(now);
             rep.scraped_at = now;
+            rep.in_flight_at_scrape = rep.in_flight;
         }
         self.poll_admission();
         if self.busy() {

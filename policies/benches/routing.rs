@@ -68,6 +68,7 @@ fn views<'a>(names: &'a [String], rng: &mut SmallRng) -> Vec<EndpointView<'a>> {
                         kv_usage: rng.random_range(0.1..0.95),
                         num_gpu_blocks: Some(30_000),
                     }),
+                    in_flight_at_scrape: in_flight,
                 },
             }
         })

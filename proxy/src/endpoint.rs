@@ -25,6 +25,9 @@ pub struct Scraped {
     pub gauges: EngineGauges,
     /// When the scrape completed.
     pub at: Instant,
+    /// The proxy's requests in flight there when the scrape completed: the
+    /// part of the engine's count that is the proxy's own traffic.
+    pub in_flight: u32,
 }
 
 #[derive(Debug, Default)]
@@ -139,13 +142,13 @@ impl Endpoint {
 
     /// The load view a router sees: proxy counts plus gauges no older than `stale_after`.
     pub fn load(&self, now: Instant, stale_after: Duration) -> EndpointLoad {
-        let engine = lock(&self.scraped)
-            .filter(|s| now.saturating_duration_since(s.at) <= stale_after)
-            .map(|s| s.gauges);
+        let fresh =
+            lock(&self.scraped).filter(|s| now.saturating_duration_since(s.at) <= stale_after);
         EndpointLoad {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             in_flight_tokens: self.in_flight_tokens.load(Ordering::Relaxed),
-            engine,
+            engine: fresh.map(|s| s.gauges),
+            in_flight_at_scrape: fresh.map_or(0, |s| s.in_flight),
         }
     }
 
@@ -273,6 +276,7 @@ mod tests {
                 ..EngineGauges::default()
             },
             at: t,
+            in_flight: 0,
         }));
         let fresh = e.load(t + Duration::from_millis(500), Duration::from_secs(1));
         assert_eq!(fresh.engine.unwrap().running, 3.0);

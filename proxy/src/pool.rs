@@ -304,6 +304,7 @@ impl Pool {
                         Some(gauges) => Ok(Scraped {
                             gauges,
                             at: Instant::now(),
+                            in_flight: e.in_flight(),
                         }),
                         None => Err("no vllm: gauges in /metrics".to_string()),
                     }

@@ -59,6 +59,7 @@ mod tests {
                 waiting: 4.0,
                 ..Default::default()
             }),
+            in_flight_at_scrape: 1,
         };
         assert_eq!(p.pick(&req, &eps).unwrap().index, 2);
     }

@@ -9,17 +9,21 @@
 use super::{EndpointLoad, EndpointView};
 use crate::prefix::stable_hash;
 
-/// Requests at the endpoint as best known: the proxy's in-flight count, or the
-/// engine's running + waiting when fresh and higher (other proxies' traffic).
+/// Requests at the endpoint as best known: what the proxy has in flight there
+/// now, plus the engine's running + waiting requests that are not the proxy's.
 ///
-/// The two are not added: the proxy's in-flight requests are (mostly) the
-/// same requests the engine reports, and summing would double them.
+/// The engine's count at the last scrape includes the proxy's own requests of
+/// that moment (`in_flight_at_scrape`); only the excess is other clients'
+/// traffic (another proxy, direct callers). Adding the whole gauge would count
+/// the proxy's requests twice; taking the larger of the two (the obvious
+/// alternative) lets a scrape up to an interval old mask every request sent
+/// since, so a burst piles onto whichever endpoint looked emptiest then.
 pub fn request_load(load: &EndpointLoad) -> f64 {
     let own = f64::from(load.in_flight);
     match load.engine {
         Some(g) => {
             let engine = non_negative(g.running) + non_negative(g.waiting);
-            own.max(engine)
+            own + (engine - f64::from(load.in_flight_at_scrape)).max(0.0)
         }
         None => own,
     }
@@ -98,24 +102,35 @@ mod tests {
     use crate::routing::EngineGauges;
 
     #[test]
-    fn request_load_takes_the_larger_view() {
+    fn request_load_adds_only_other_clients_engine_load() {
         let mut l = EndpointLoad {
             in_flight: 3,
             ..Default::default()
         };
         assert_eq!(request_load(&l), 3.0);
+        // At the scrape the proxy had 2 in flight and the engine held 7: 5 are
+        // someone else's, on top of the proxy's 3 now.
+        l.in_flight_at_scrape = 2;
         l.engine = Some(EngineGauges {
             running: 5.0,
             waiting: 2.0,
             ..Default::default()
         });
-        assert_eq!(request_load(&l), 7.0);
+        assert_eq!(request_load(&l), 8.0);
+        // Engine shows fewer than the proxy had sent (some not arrived yet):
+        // the proxy's own count stands, nothing negative is added.
+        l.in_flight_at_scrape = 9;
+        assert_eq!(request_load(&l), 3.0);
+        // Requests sent since the scrape count even though the gauge is old.
+        l.in_flight = 10;
+        assert_eq!(request_load(&l), 10.0);
+        l.in_flight_at_scrape = 0;
         l.engine = Some(EngineGauges {
             running: f64::NAN,
             waiting: -1.0,
             ..Default::default()
         });
-        assert_eq!(request_load(&l), 3.0);
+        assert_eq!(request_load(&l), 10.0);
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct EndpointLoad {
     pub in_flight_tokens: u64,
     /// The engine's own gauges, `None` when never scraped or stale (unknown, not idle).
     pub engine: Option<EngineGauges>,
+    /// The proxy's `in_flight` at the moment `engine` was read: engine requests
+    /// beyond it belong to other clients (another proxy, direct traffic).
+    pub in_flight_at_scrape: u32,
 }
 
 /// One candidate endpoint: a stable key (its `host:port`) and its load.
@@ -189,6 +192,7 @@ pub(crate) mod test_support {
                     in_flight: n,
                     in_flight_tokens: u64::from(n) * 1000,
                     engine: None,
+                    in_flight_at_scrape: 0,
                 },
             })
             .collect()
@@ -241,6 +245,7 @@ mod tests {
         (
             0u32..100,
             0u64..1_000_000,
+            0u32..100,
             proptest::option::of((
                 gauge.clone(),
                 gauge.clone(),
@@ -248,9 +253,10 @@ mod tests {
                 proptest::option::of(0u64..50_000),
             )),
         )
-            .prop_map(|(in_flight, in_flight_tokens, engine)| EndpointLoad {
+            .prop_map(|(in_flight, in_flight_tokens, at_scrape, engine)| EndpointLoad {
                 in_flight,
                 in_flight_tokens,
+                in_flight_at_scrape: at_scrape,
                 engine: engine.map(
                     |(running, waiting, kv_usage, num_gpu_blocks)| EngineGauges {
                         running,
