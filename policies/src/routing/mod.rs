@@ -253,19 +253,21 @@ mod tests {
                 proptest::option::of(0u64..50_000),
             )),
         )
-            .prop_map(|(in_flight, in_flight_tokens, at_scrape, engine)| EndpointLoad {
-                in_flight,
-                in_flight_tokens,
-                in_flight_at_scrape: at_scrape,
-                engine: engine.map(
-                    |(running, waiting, kv_usage, num_gpu_blocks)| EngineGauges {
-                        running,
-                        waiting,
-                        kv_usage,
-                        num_gpu_blocks,
-                    },
-                ),
-            })
+            .prop_map(
+                |(in_flight, in_flight_tokens, at_scrape, engine)| EndpointLoad {
+                    in_flight,
+                    in_flight_tokens,
+                    in_flight_at_scrape: at_scrape,
+                    engine: engine.map(|(running, waiting, kv_usage, num_gpu_blocks)| {
+                        EngineGauges {
+                            running,
+                            waiting,
+                            kv_usage,
+                            num_gpu_blocks,
+                        }
+                    }),
+                },
+            )
     }
 
     proptest! {
