@@ -47,6 +47,11 @@ pub struct ClassRule {
     /// Output tokens assumed for requests of this class that set no `max_tokens`.
     #[serde(default = "default_output_tokens")]
     pub default_output_tokens: u32,
+    /// Time-to-first-token objective of the class, in milliseconds: the
+    /// `deadline` admission order serves the earliest arrival + SLO first, and
+    /// `shed_on_ttft_slo` sheds what cannot start within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_slo_ms: Option<u64>,
 }
 
 /// Output tokens assumed when neither the request nor its class says.
@@ -114,6 +119,9 @@ impl ClassRule {
         {
             return Err("`header.name` must not be empty".into());
         }
+        if self.ttft_slo_ms == Some(0) {
+            return Err("`ttft_slo_ms` must be > 0".into());
+        }
         Ok(())
     }
 }
@@ -127,6 +135,8 @@ pub struct Classification<'a> {
     pub pool: &'a str,
     /// Output tokens to plan for: the request's own `max_tokens`, else the class default.
     pub max_tokens: u32,
+    /// The class's TTFT objective (`None`: the pool's default applies).
+    pub ttft_slo_ms: Option<u64>,
 }
 
 /// Class name used when no configured rule matches.
@@ -180,11 +190,13 @@ impl Classifier {
                 class: &r.name,
                 pool: &r.pool,
                 max_tokens: shape.max_tokens.unwrap_or(r.default_output_tokens),
+                ttft_slo_ms: r.ttft_slo_ms,
             }),
             None => fallback_pool.map(|pool| Classification {
                 class: DEFAULT_CLASS,
                 pool,
                 max_tokens: shape.max_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS),
+                ttft_slo_ms: None,
             }),
         }
     }
@@ -205,6 +217,7 @@ mod tests {
             max_output_tokens: None,
             header: None,
             default_output_tokens: DEFAULT_OUTPUT_TOKENS,
+            ttft_slo_ms: None,
         }
     }
 
@@ -236,6 +249,7 @@ mod tests {
         let rag = ClassRule {
             min_prompt_tokens: Some(2049),
             default_output_tokens: 300,
+            ttft_slo_ms: Some(1500),
             ..rule("rag-long", "rag")
         };
         Classifier::new(vec![batch, chat, rag]).unwrap()
@@ -251,8 +265,8 @@ mod tests {
         );
         let long = c.classify(&shape(5000, None), all, None).unwrap();
         assert_eq!(
-            (long.class, long.pool, long.max_tokens),
-            ("rag-long", "rag", 300)
+            (long.class, long.pool, long.max_tokens, long.ttft_slo_ms),
+            ("rag-long", "rag", 300, Some(1500))
         );
         // Short prompt but long output: chat-short's output bound excludes it; rag needs a long prompt.
         assert!(c.classify(&shape(100, Some(4000)), all, None).is_none());
@@ -294,7 +308,8 @@ mod tests {
             Classification {
                 class: DEFAULT_CLASS,
                 pool: "rag",
-                max_tokens: DEFAULT_OUTPUT_TOKENS
+                max_tokens: DEFAULT_OUTPUT_TOKENS,
+                ttft_slo_ms: None,
             }
         );
     }
@@ -312,6 +327,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("defined twice"), "{err}");
+        let no_time = ClassRule {
+            ttft_slo_ms: Some(0),
+            ..rule("x", "p")
+        };
+        let err = Classifier::new(vec![no_time]).unwrap_err().to_string();
+        assert!(err.contains("ttft_slo_ms"), "{err}");
+        let parsed: ClassRule =
+            toml::from_str("name = \"c\"\npool = \"p\"\nttft_slo_ms = 250").unwrap();
+        assert_eq!(parsed.ttft_slo_ms, Some(250));
     }
 
     proptest! {

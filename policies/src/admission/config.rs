@@ -99,6 +99,19 @@ pub struct AdmissionConfig {
     pub block_size: u32,
     /// `deadline`: TTFT target assumed for classes without one, in milliseconds.
     pub default_deadline_ms: u64,
+    /// KV blocks of one replica (vLLM's `num_gpu_blocks`, see `sluice plan`),
+    /// assumed until a scrape reports them, so the gate counts its own
+    /// admitted demand against a capacity from the very first request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_kv_blocks: Option<u64>,
+    /// Shed a request at once when its projected wait in the queue exceeds
+    /// its TTFT budget (its class's `ttft_slo_ms`, else `default_deadline_ms`,
+    /// minus `engine_ttft_ms`), and a queued request once its wait reaches
+    /// that budget: an answer that would come too late is not worth the capacity.
+    pub shed_on_ttft_slo: bool,
+    /// The TTFT an engine adds once a request is admitted (prefill in a busy
+    /// batch), in milliseconds; what remains of the SLO is the queue's budget.
+    pub engine_ttft_ms: u64,
 }
 
 impl Default for AdmissionConfig {
@@ -115,6 +128,9 @@ impl Default for AdmissionConfig {
             output_token_cost: 2.0,
             block_size: 16,
             default_deadline_ms: 2_000,
+            endpoint_kv_blocks: None,
+            shed_on_ttft_slo: false,
+            engine_ttft_ms: 0,
         }
     }
 }
@@ -160,6 +176,12 @@ impl AdmissionConfig {
                 format!("{} is not in 0..=1000", self.output_token_cost),
             );
         }
+        if self.default_deadline_ms == 0 {
+            return invalid("default_deadline_ms", "must be > 0".into());
+        }
+        if self.endpoint_kv_blocks == Some(0) {
+            return invalid("endpoint_kv_blocks", "must be > 0 when set".into());
+        }
         if !(1..=4096).contains(&self.block_size) {
             return invalid(
                 "block_size",
@@ -186,6 +208,8 @@ mod tests {
             "max_kv_usage = 1.5",
             "max_queue_len = 0",
             "max_engine_waiting = -1.0",
+            "endpoint_kv_blocks = 0",
+            "default_deadline_ms = 0",
         ] {
             let c: AdmissionConfig = toml::from_str(bad).unwrap();
             let e = c.validate("pool chat").unwrap_err().to_string();

@@ -3,12 +3,19 @@
 //! vLLM never refuses work: an overfull engine queues it and, once the KV
 //! cache runs out, preempts running requests (recomputing them later), so
 //! everyone's latency collapses. The gate admits a request only while the
-//! pool's projected KV usage stays under a threshold. Projection = the
-//! engines' scraped usage + what this proxy admitted since that scrape (the
-//! gauges cannot know it yet) + this request's demand. Without fresh gauges
-//! the gate counts only its own admitted demand against the last known
-//! capacity, and with no capacity ever seen it admits (the queue bounds still
-//! hold).
+//! pool's projected KV usage stays under a threshold. Two projections are
+//! kept and the larger one counts:
+//!
+//! - the engines' scraped usage + what this proxy admitted since that scrape
+//!   (the gauges cannot know it yet) — it sees other clients of the engines;
+//! - what this proxy has admitted and not yet seen end, each request at its
+//!   full expected size (prompt + expected output) — it sees that a request
+//!   that just started will grow, and needs no scrape at all.
+//!
+//! The capacity is the scraped `num_gpu_blocks`, else the last one scraped,
+//! else the configured `endpoint_kv_blocks` × the pool's endpoints, so the
+//! gate is safe from the first request. With no capacity known at all it
+//! admits (the queue bounds still hold).
 
 use std::collections::VecDeque;
 
@@ -114,6 +121,8 @@ impl KvTicket {
 pub struct KvGate {
     max_kv_usage: f64,
     max_engine_waiting: f64,
+    endpoint_kv_blocks: Option<u64>,
+    endpoints: u32,
     /// (admitted at, blocks) since the oldest scrape that may not include them.
     recent: VecDeque<(u64, u64)>,
     recent_blocks: u64,
@@ -122,11 +131,18 @@ pub struct KvGate {
 }
 
 impl KvGate {
-    /// A gate with the pool's thresholds.
-    pub fn new(max_kv_usage: f64, max_engine_waiting: f64) -> Self {
+    /// A gate with the pool's thresholds; `endpoint_kv_blocks` is the
+    /// configured capacity of one endpoint, used until a scrape reports one.
+    pub fn new(
+        max_kv_usage: f64,
+        max_engine_waiting: f64,
+        endpoint_kv_blocks: Option<u64>,
+    ) -> Self {
         KvGate {
             max_kv_usage,
             max_engine_waiting,
+            endpoint_kv_blocks,
+            endpoints: 1,
             recent: VecDeque::new(),
             recent_blocks: 0,
             in_flight_blocks: 0,
@@ -144,6 +160,11 @@ impl KvGate {
         }
     }
 
+    /// Sets how many endpoints serve the pool now (sizes the configured capacity).
+    pub fn set_endpoints(&mut self, endpoints: u32) {
+        self.endpoints = endpoints.max(1);
+    }
+
     /// Whether `demand` blocks may start now.
     pub fn check(
         &mut self,
@@ -152,37 +173,34 @@ impl KvGate {
         now_ms: u64,
     ) -> Result<(), Saturation> {
         self.forget_before(now_ms.saturating_sub(RECENT_HORIZON_MS));
-        match snapshot {
-            Some(s) => {
-                self.forget_before(s.as_of_ms);
-                if s.waiting > self.max_engine_waiting * f64::from(s.endpoints.max(1)) {
-                    return Err(Saturation::Waiting);
-                }
-                if s.total_blocks == 0 {
-                    return Ok(());
-                }
-                self.last_total_blocks = Some(s.total_blocks);
-                let limit = self.max_kv_usage * s.total_blocks as f64;
-                // A request larger than the whole allowance waits for an idle pool, not forever.
-                let demand = (demand as f64).min(limit);
-                if s.used_blocks + self.recent_blocks as f64 + demand > limit + 1e-9 {
-                    return Err(Saturation::Kv);
-                }
-                Ok(())
+        // Scraped usage plus own admissions the scrape cannot include yet.
+        let mut scraped_used = None;
+        if let Some(s) = snapshot {
+            self.forget_before(s.as_of_ms);
+            if s.waiting > self.max_engine_waiting * f64::from(s.endpoints.max(1)) {
+                return Err(Saturation::Waiting);
             }
-            None => match self.last_total_blocks {
-                Some(total) => {
-                    let limit = self.max_kv_usage * total as f64;
-                    let demand = (demand as f64).min(limit);
-                    if self.in_flight_blocks as f64 + demand > limit + 1e-9 {
-                        Err(Saturation::Kv)
-                    } else {
-                        Ok(())
-                    }
-                }
-                None => Ok(()),
-            },
+            if s.total_blocks > 0 {
+                self.last_total_blocks = Some(s.total_blocks);
+                scraped_used = Some(s.used_blocks + self.recent_blocks as f64);
+            }
         }
+        let configured = self
+            .endpoint_kv_blocks
+            .map(|b| b.saturating_mul(u64::from(self.endpoints)));
+        let Some(total) = self.last_total_blocks.or(configured) else {
+            return Ok(());
+        };
+        let limit = self.max_kv_usage * total as f64;
+        // A request larger than the whole allowance waits for an idle pool, not forever.
+        let demand = (demand as f64).min(limit);
+        let used = scraped_used
+            .unwrap_or(0.0)
+            .max(self.in_flight_blocks as f64);
+        if used + demand > limit + 1e-9 {
+            return Err(Saturation::Kv);
+        }
+        Ok(())
     }
 
     /// Records an admission of `demand` blocks.
@@ -243,7 +261,7 @@ mod tests {
 
     #[test]
     fn own_admissions_since_the_scrape_count() {
-        let mut g = KvGate::new(0.9, 4.0);
+        let mut g = KvGate::new(0.9, 4.0, None);
         let s = snap(0.5, 0.0, 100);
         assert_eq!((s.total_blocks, s.endpoints, s.as_of_ms), (2000, 2, 100));
         // 1000 used of 1800 allowed: 800 free.
@@ -265,7 +283,7 @@ mod tests {
 
     #[test]
     fn without_gauges_own_demand_is_the_measure() {
-        let mut g = KvGate::new(0.9, 4.0);
+        let mut g = KvGate::new(0.9, 4.0, None);
         assert_eq!(g.check(1_000_000, None, 0), Ok(()), "nothing known: admit");
         g.check(1, Some(&snap(0.0, 0.0, 0)), 0).unwrap();
         let a = g.reserve(1000, 1);
@@ -277,5 +295,34 @@ mod tests {
             Ok(()),
             "oversized waits only for an idle pool"
         );
+    }
+
+    #[test]
+    fn configured_capacity_holds_before_the_first_scrape() {
+        let mut g = KvGate::new(0.5, 4.0, Some(100));
+        g.set_endpoints(2);
+        // 2 × 100 blocks, half allowed: 100.
+        assert_eq!(g.check(60, None, 0), Ok(()));
+        let a = g.reserve(60, 0);
+        assert_eq!(g.check(60, None, 1), Err(Saturation::Kv));
+        assert_eq!(g.check(40, None, 1), Ok(()));
+        // A scrape that reports capacity replaces the configured one.
+        assert_eq!(g.check(800, Some(&snap(0.0, 0.0, 2)), 3), Ok(()));
+        g.release(a);
+        assert_eq!(g.in_flight_blocks(), 0);
+    }
+
+    #[test]
+    fn admitted_requests_count_at_full_size_until_they_end() {
+        let mut g = KvGate::new(0.9, 4.0, None);
+        g.check(0, Some(&snap(0.0, 0.0, 100)), 100).unwrap();
+        let a = g.reserve(1500, 110);
+        // A later scrape sees only what the admitted requests hold so far
+        // (200 blocks); they will grow to the 1500 reserved.
+        let later = snap(0.1, 0.0, 200);
+        assert_eq!(g.check(400, Some(&later), 210), Err(Saturation::Kv));
+        assert_eq!(g.check(300, Some(&later), 210), Ok(()));
+        g.release(a);
+        assert_eq!(g.check(1500, Some(&later), 220), Ok(()));
     }
 }

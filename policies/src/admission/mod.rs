@@ -81,7 +81,11 @@ impl PoolAdmission {
     /// Admission for a pool with `cfg` (validated by [`AdmissionConfig::validate`]).
     pub fn new(cfg: AdmissionConfig) -> Self {
         PoolAdmission {
-            gate: KvGate::new(cfg.max_kv_usage, cfg.max_engine_waiting),
+            gate: KvGate::new(
+                cfg.max_kv_usage,
+                cfg.max_engine_waiting,
+                cfg.endpoint_kv_blocks,
+            ),
             queue: AdmissionQueue::new(
                 cfg.order,
                 cfg.max_queue_len,
@@ -133,6 +137,7 @@ impl PoolAdmission {
         if self.queue.is_empty() && saturated.is_none() {
             return (Offer::Admitted(self.gate.reserve(demand, now_ms)), released);
         }
+        let slo_ms = req.ttft_slo_ms.unwrap_or(self.cfg.default_deadline_ms);
         let queued = QueuedRequest {
             tenant: req.tenant.to_string(),
             priority: req.priority,
@@ -140,9 +145,12 @@ impl PoolAdmission {
             prompt_tokens: req.prompt_tokens,
             expected_output_tokens: self.expected_output(req.max_tokens),
             demand_blocks: demand,
-            deadline_ms: now_ms
-                .saturating_add(req.ttft_slo_ms.unwrap_or(self.cfg.default_deadline_ms)),
+            deadline_ms: now_ms.saturating_add(slo_ms),
             arrival_ms: now_ms,
+            wait_budget_ms: self
+                .cfg
+                .shed_on_ttft_slo
+                .then(|| slo_ms.saturating_sub(self.cfg.engine_ttft_ms)),
         };
         let (pushed, displaced) = self.queue.push(queued);
         released.shed.extend(displaced);
@@ -150,9 +158,17 @@ impl PoolAdmission {
             Ok(t) => t,
             Err(shed) => return (Offer::Shed(shed), released),
         };
-        // It may go at once if it outranks what was blocked (a higher band).
+        // It may go at once if it outranks what was blocked (a higher band),
+        // or be shed at once (no time left to wait).
         let more = self.poll(snapshot, now_ms);
-        released.shed.extend(more.shed);
+        let mut own_shed = None;
+        for (t, shed) in more.shed {
+            if t == ticket {
+                own_shed = Some(shed);
+            } else {
+                released.shed.push((t, shed));
+            }
+        }
         let mut own = None;
         for (t, kv) in more.admitted {
             if t == ticket {
@@ -160,6 +176,9 @@ impl PoolAdmission {
             } else {
                 released.admitted.push((t, kv));
             }
+        }
+        if let Some(shed) = own_shed {
+            return (Offer::Shed(shed), released);
         }
         match own {
             Some(kv) => (Offer::Admitted(kv), released),
@@ -188,6 +207,12 @@ impl PoolAdmission {
                 .push((ticket, self.gate.reserve(demand, now_ms)));
         }
         out
+    }
+
+    /// Sets how many endpoints serve the pool now; with `endpoint_kv_blocks`
+    /// it sizes the pool's capacity until a scrape reports one.
+    pub fn set_endpoints(&mut self, endpoints: u32) {
+        self.gate.set_endpoints(endpoints);
     }
 
     /// Removes a queued request whose client went away; false if it was not queued.
@@ -376,12 +401,17 @@ mod tests {
         fn nothing_leaks(
             ops in proptest::collection::vec((0u8..5, 0usize..3, 0u32..5000, 0u8..100), 1..200),
             order in 0usize..4,
+            shed_on_ttft_slo in any::<bool>(),
+            endpoint_kv_blocks in proptest::option::of(1u64..2000),
         ) {
             let order = [QueueOrder::Fifo, QueueOrder::ShortestFirst, QueueOrder::Deadline, QueueOrder::Fair][order];
             let mut adm = PoolAdmission::new(AdmissionConfig {
                 order,
                 max_queue_len: 8,
                 max_queue_wait_ms: 400,
+                shed_on_ttft_slo,
+                endpoint_kv_blocks,
+                engine_ttft_ms: 30,
                 ..Default::default()
             });
             let tenants = ["a", "b", "c"];
@@ -394,8 +424,13 @@ mod tests {
                 let snap = snapshot(kv, now);
                 let released = match op {
                     0 | 1 => {
-                        let req = request(tenants[t], prios[t], prompt);
-                        let (offer, released) = adm.offer(&req, Some(&snap), now);
+                        let req = AdmissionRequest {
+                            ttft_slo_ms: (x % 3 > 0).then_some(u64::from(x) * 4),
+                            ..request(tenants[t], prios[t], prompt)
+                        };
+                        // Some arrivals come between scrapes (no fresh gauges).
+                        let fresh = (x % 4 > 0).then_some(&snap);
+                        let (offer, released) = adm.offer(&req, fresh, now);
                         match offer {
                             Offer::Admitted(k) => running.push(k),
                             Offer::Queued { ticket, .. } => queued.push(ticket),
@@ -442,6 +477,132 @@ mod tests {
             prop_assert_eq!(adm.queue_len(), 0);
             prop_assert_eq!(adm.in_flight_blocks(), 0);
         }
+    }
+
+    #[test]
+    fn deadline_order_follows_each_class_slo() {
+        let mut adm = PoolAdmission::new(AdmissionConfig {
+            order: QueueOrder::Deadline,
+            ..Default::default()
+        });
+        let full = snapshot(0.95, 0);
+        let with_slo = |slo: Option<u64>| AdmissionRequest {
+            ttft_slo_ms: slo,
+            ..request("t", Priority::Standard, 100)
+        };
+        let mut tickets = Vec::new();
+        // Arrival + SLO: 0 + 5000, 10 + 2000 (the pool default), 20 + 200.
+        for (now, slo) in [(0, Some(5000)), (10, None), (20, Some(200))] {
+            match adm.offer(&with_slo(slo), Some(&full), now).0 {
+                Offer::Queued { ticket, .. } => tickets.push(ticket),
+                other => panic!("{other:?}"),
+            }
+        }
+        let r = adm.poll(Some(&snapshot(0.0, 30)), 30);
+        let order: Vec<Ticket> = r.admitted.iter().map(|(t, _)| *t).collect();
+        assert_eq!(order, vec![tickets[2], tickets[1], tickets[0]]);
+        for (_, kv) in r.admitted {
+            adm.release(kv);
+        }
+        assert_eq!((adm.queue_len(), adm.in_flight_blocks()), (0, 0));
+    }
+
+    #[test]
+    fn sheds_what_cannot_start_within_its_slo() {
+        let mut adm = PoolAdmission::new(AdmissionConfig {
+            shed_on_ttft_slo: true,
+            engine_ttft_ms: 20,
+            ..Default::default()
+        });
+        let full = snapshot(0.95, 0);
+        // SLO 120 ms, 20 of them the engine's: 100 ms in the queue at most.
+        let req = AdmissionRequest {
+            ttft_slo_ms: Some(120),
+            ..request("t", Priority::Standard, 100)
+        };
+        let queued = |o: Offer| match o {
+            Offer::Queued { ticket, .. } => ticket,
+            other => panic!("{other:?}"),
+        };
+        // No service rate known yet: both wait.
+        let _a = queued(adm.offer(&req, Some(&full), 0).0);
+        let b = queued(adm.offer(&req, Some(&full), 0).0);
+        // Room for one (880 + 11 of 900 blocks) 40 ms later: one admission per 40 ms.
+        let r = adm.poll(Some(&snapshot(0.88, 40)), 40);
+        assert_eq!(r.admitted.len(), 1);
+        let running = r.admitted.into_iter().map(|(_, kv)| kv);
+        // Behind b: 2 × 40 = 80 ms projected, within 100.
+        let c = queued(adm.offer(&req, Some(&full), 50).0);
+        // Behind b and c: 120 ms projected; shed at once.
+        let Offer::Shed(shed) = adm.offer(&req, Some(&full), 50).0 else {
+            panic!("expected a shed")
+        };
+        assert_eq!(
+            (shed.reason, shed.status.http_status()),
+            (ShedReason::TtftSlo, 503)
+        );
+        assert!(shed.retry_after_ms >= 1000);
+        // b has waited its 100 ms: shed; c still has time.
+        let r = adm.poll(Some(&full), 100);
+        assert_eq!(r.shed.len(), 1);
+        assert_eq!((r.shed[0].0, r.shed[0].1.reason), (b, ShedReason::TtftSlo));
+        assert_eq!(adm.queue_len(), 1);
+        let r = adm.poll(Some(&full), 150);
+        assert_eq!(r.shed.iter().map(|s| s.0).collect::<Vec<_>>(), vec![c]);
+        // No time to wait at all: shed by the same call, never queued.
+        let no_time = AdmissionRequest {
+            ttft_slo_ms: Some(20),
+            ..req
+        };
+        let (o, _) = adm.offer(&no_time, Some(&full), 200);
+        assert!(
+            matches!(
+                o,
+                Offer::Shed(Shed {
+                    reason: ShedReason::TtftSlo,
+                    ..
+                })
+            ),
+            "{o:?}"
+        );
+        assert_eq!(adm.queue_len(), 0);
+        for kv in running {
+            adm.release(kv);
+        }
+        assert_eq!((adm.queue_len(), adm.in_flight_blocks()), (0, 0));
+    }
+
+    #[test]
+    fn configured_capacity_gates_before_any_scrape() {
+        let mut adm = PoolAdmission::new(AdmissionConfig {
+            endpoint_kv_blocks: Some(100),
+            max_kv_usage: 0.8,
+            ..Default::default()
+        });
+        adm.set_endpoints(1);
+        // 100 prompt + 64 output tokens: 11 blocks; 80 allowed: 7 fit.
+        let mut running = Vec::new();
+        for _ in 0..7 {
+            match adm.offer(&request("t", Priority::Standard, 100), None, 0).0 {
+                Offer::Admitted(kv) => running.push(kv),
+                other => panic!("{other:?}"),
+            }
+        }
+        let o = adm.offer(&request("t", Priority::Standard, 100), None, 1).0;
+        let Offer::Queued { ticket, saturated } = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(saturated, Some(Saturation::Kv));
+        // One ends: the queued one goes.
+        adm.release(running.pop().unwrap());
+        let r = adm.poll(None, 2);
+        assert_eq!(r.admitted.len(), 1);
+        assert_eq!(r.admitted[0].0, ticket);
+        running.extend(r.admitted.into_iter().map(|(_, kv)| kv));
+        for kv in running {
+            adm.release(kv);
+        }
+        assert_eq!(adm.in_flight_blocks(), 0);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct QueuedRequest {
     pub deadline_ms: u64,
     /// When it arrived.
     pub arrival_ms: u64,
+    /// Longest it may wait in the queue to still meet its TTFT SLO (`None`:
+    /// only the queue's own bound applies). It is shed on arrival when the
+    /// projected wait is longer, and once it has waited this long.
+    pub wait_budget_ms: Option<u64>,
 }
 
 /// The HTTP answer to a shed request.
@@ -73,6 +77,9 @@ pub enum ShedReason {
     Displaced,
     /// Waited `max_queue_wait_ms` without capacity.
     QueueTimeout,
+    /// Its TTFT SLO could not be met: the projected wait was longer than its
+    /// budget on arrival, or it waited its whole budget.
+    TtftSlo,
 }
 
 impl ShedReason {
@@ -82,6 +89,7 @@ impl ShedReason {
             ShedReason::QueueFull => "queue_full",
             ShedReason::Displaced => "displaced",
             ShedReason::QueueTimeout => "queue_timeout",
+            ShedReason::TtftSlo => "ttft_slo",
         }
     }
 }
@@ -126,8 +134,10 @@ pub struct AdmissionQueue {
     ordered: [BTreeSet<(u64, u64)>; Priority::COUNT],
     /// Per band, tenant → seqs (arrival order): `fair` picks and shedding choose from it.
     by_tenant: [BTreeMap<String, BTreeSet<u64>>; Priority::COUNT],
-    /// (arrival, seq) over all bands: expiry and starvation.
+    /// (arrival, seq) over all bands: starvation.
     age: BTreeSet<(u64, u64)>,
+    /// (shed at, seq) over all bands: the queue bound or the request's SLO budget.
+    expiry: BTreeSet<(u64, u64)>,
     occupancy: HashMap<String, Occupancy, FixedState>,
     weight_sum: f64,
     vtc: VirtualCounters,
@@ -154,6 +164,7 @@ impl AdmissionQueue {
             ordered: Default::default(),
             by_tenant: Default::default(),
             age: BTreeSet::new(),
+            expiry: BTreeSet::new(),
             occupancy: HashMap::with_hasher(FixedState::with_seed(0)),
             weight_sum: 0.0,
             vtc: VirtualCounters::new(output_token_cost),
@@ -225,6 +236,9 @@ impl AdmissionQueue {
                 "no capacity in the pool within {} ms; the pool is overloaded",
                 self.max_wait_ms
             ),
+            (ShedReason::TtftSlo, false) => {
+                "the pool is overloaded: the request could not start within its time-to-first-token objective".to_string()
+            }
             (_, false) => format!(
                 "the pool's admission queue is full ({} waiting); the pool is overloaded",
                 self.len()
@@ -242,9 +256,23 @@ impl AdmissionQueue {
     /// Queues `req`. When full, a lower-priority request is displaced to make
     /// room (returned second), or else `req` itself is shed.
     pub fn push(&mut self, req: QueuedRequest) -> (Result<Ticket, Shed>, Option<(Ticket, Shed)>) {
+        let seq = self.next_seq;
+        let key = match self.order {
+            QueueOrder::Fifo | QueueOrder::Fair => seq,
+            QueueOrder::ShortestFirst => u64::from(req.prompt_tokens),
+            QueueOrder::Deadline => req.deadline_ms,
+        };
+        let band = req.priority.band();
+        if let (Some(budget), Some(wait)) = (
+            req.wait_budget_ms,
+            self.projected_wait_ms(band, key, seq, &req.tenant),
+        ) && wait > budget as f64
+        {
+            let shed = self.shed(&req.tenant, req.weight, 1, ShedReason::TtftSlo);
+            return (Err(shed), None);
+        }
         let mut displaced = None;
         if self.entries.len() >= self.max_len {
-            let band = req.priority.band();
             match self.displacement_victim() {
                 Some((victim_band, seq)) if victim_band > band => {
                     let tenant = self.entries[&seq].req.tenant.clone();
@@ -259,14 +287,7 @@ impl AdmissionQueue {
                 }
             }
         }
-        let seq = self.next_seq;
         self.next_seq += 1;
-        let key = match self.order {
-            QueueOrder::Fifo | QueueOrder::Fair => seq,
-            QueueOrder::ShortestFirst => u64::from(req.prompt_tokens),
-            QueueOrder::Deadline => req.deadline_ms,
-        };
-        let band = req.priority.band();
         let weight = weight_or_one(req.weight);
         if self.tenant_len(&req.tenant) == 0 {
             let min_backlogged = self
@@ -296,8 +317,41 @@ impl AdmissionQueue {
             .or_default()
             .insert(seq);
         self.age.insert((req.arrival_ms, seq));
+        self.expiry.insert((self.expires_ms(&req), seq));
+        if self.entries.is_empty() {
+            // The service interval is measured while requests wait; an idle
+            // stretch before this arrival is not service time.
+            self.last_take_ms = Some(req.arrival_ms);
+        }
         self.entries.insert(seq, Entry { req, key });
         (Ok(Ticket(seq)), displaced)
+    }
+
+    /// When `req` is shed if still queued.
+    fn expires_ms(&self, req: &QueuedRequest) -> u64 {
+        let wait = req
+            .wait_budget_ms
+            .map_or(self.max_wait_ms, |b| b.min(self.max_wait_ms));
+        req.arrival_ms.saturating_add(wait)
+    }
+
+    /// How long a request entering `band` with order `key` (and sequence
+    /// `seq`) is expected to wait: the requests served before it times the
+    /// recent interval between admissions. `None` until an interval is known.
+    fn projected_wait_ms(&self, band: usize, key: u64, seq: u64, tenant: &str) -> Option<f64> {
+        let interval = self.service_interval_ms?;
+        let higher: usize = self.by_tenant[..band]
+            .iter()
+            .flat_map(|m| m.values())
+            .map(BTreeSet::len)
+            .sum();
+        let same = if self.order == QueueOrder::Fair {
+            // `fair` interleaves tenants; the tenant's own backlog is a lower bound.
+            self.by_tenant[band].get(tenant).map_or(0, BTreeSet::len)
+        } else {
+            self.ordered[band].range(..(key, seq)).count()
+        };
+        Some((higher + same + 1) as f64 * interval)
     }
 
     /// In the least important non-empty band, the newest request of the
@@ -366,18 +420,24 @@ impl AdmissionQueue {
         self.remove_seq(ticket.0)
     }
 
-    /// Sheds every request that has waited `max_wait_ms`.
+    /// Sheds every request that has waited `max_wait_ms`, or its own wait budget.
     pub fn expire(&mut self, now_ms: u64) -> Vec<(Ticket, Shed)> {
         let mut out = Vec::new();
-        while let Some(&(arrival, seq)) = self.age.first() {
-            if now_ms.saturating_sub(arrival) < self.max_wait_ms {
+        while let Some(&(expires, seq)) = self.expiry.first() {
+            if now_ms < expires {
                 break;
             }
-            let (tenant, weight) = {
-                let e = &self.entries[&seq];
-                (e.req.tenant.clone(), e.req.weight)
+            let Some(e) = self.entries.get(&seq) else {
+                self.expiry.pop_first();
+                continue;
             };
-            let shed = self.shed(&tenant, weight, 0, ShedReason::QueueTimeout);
+            let (tenant, weight) = (e.req.tenant.clone(), e.req.weight);
+            let reason = if now_ms.saturating_sub(e.req.arrival_ms) >= self.max_wait_ms {
+                ShedReason::QueueTimeout
+            } else {
+                ShedReason::TtftSlo
+            };
+            let shed = self.shed(&tenant, weight, 0, reason);
             self.remove_seq(seq);
             out.push((Ticket(seq), shed));
         }
@@ -395,6 +455,7 @@ impl AdmissionQueue {
             }
         }
         self.age.remove(&(req.arrival_ms, seq));
+        self.expiry.remove(&(self.expires_ms(&req), seq));
         if let Some(o) = self.occupancy.get_mut(&req.tenant) {
             o.count -= 1;
             if o.count == 0 {
@@ -424,6 +485,7 @@ impl AdmissionQueue {
         (self.order == QueueOrder::Fair || ordered == n)
             && by_tenant == n
             && self.age.len() == n
+            && self.expiry.len() == n
             && occ as usize == n
     }
 }
@@ -443,6 +505,7 @@ mod tests {
             demand_blocks: 1,
             deadline_ms: arrival + 1000,
             arrival_ms: arrival,
+            wait_budget_ms: None,
         }
     }
 
@@ -599,7 +662,9 @@ mod tests {
                 let now = now as u64 * 7;
                 match op {
                     0 | 1 => {
-                        let (r, d) = q.push(req(tenants[t], prios[p as usize], n, now));
+                        let mut r = req(tenants[t], prios[p as usize], n, now);
+                        r.wait_budget_ms = (n % 3 == 0).then_some(u64::from(n));
+                        let (r, d) = q.push(r);
                         if let Ok(tk) = r { live.push(tk); }
                         if let Some((tk, _)) = d { live.retain(|x| *x != tk); }
                     }
