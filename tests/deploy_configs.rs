@@ -50,3 +50,8 @@ fn kubernetes_configmap_is_valid() {
 fn reference_config_is_valid() {
     check(&repo("fixtures/configs/sluice.toml"));
 }
+
+#[test]
+fn experiment_example_is_valid() {
+    check(&repo("fixtures/configs/experiment.toml"));
+}

@@ -213,9 +213,9 @@ fn admin_listener_reports_state_and_metrics() {
     assert_eq!(e["engine_stale"], false);
     let m = p.admin.get("/metrics").text();
     for name in [
-        "sluice_requests_total{class=\"default\",pool=\"default\",status=\"200\"} 1",
+        "sluice_requests_total{arm=\"\",class=\"default\",pool=\"default\",status=\"200\"} 1",
         "sluice_time_to_first_token_seconds_bucket",
-        "sluice_routing_decisions_total{policy=\"least_requests\",pool=\"default\"",
+        "sluice_routing_decisions_total{arm=\"\",policy=\"least_requests\",pool=\"default\"",
         "sluice_upstream_healthy{",
         "sluice_upstream_scrape_age_seconds{",
         "sluice_routing_overhead_seconds_bucket",

@@ -9,6 +9,7 @@ pub mod admission;
 pub mod capacity;
 pub mod classify;
 pub mod error;
+pub mod experiment;
 pub mod hardware;
 pub mod prefix;
 pub mod quota;

@@ -13,6 +13,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 use serde::Serialize;
 
+use crate::arms::Arms;
 use crate::config::describe_routing;
 use crate::endpoint::EndpointSnapshot;
 use crate::state::Shared;
@@ -44,6 +45,42 @@ struct PoolView {
     router_state_entries: usize,
     routable_endpoints: usize,
     endpoints: Vec<EndpointSnapshot>,
+    /// The live split between arms; absent when the pool runs no experiment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    experiment: Option<ExperimentView>,
+}
+
+#[derive(Serialize)]
+struct ExperimentView {
+    split_by: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header: Option<String>,
+    arms: Vec<ArmView>,
+}
+
+#[derive(Serialize)]
+struct ArmView {
+    name: String,
+    /// Share of the pool's requests, 0..=1.
+    share: f64,
+    routing: String,
+    router_state_entries: usize,
+}
+
+fn experiment_view(arms: &Arms) -> Option<ExperimentView> {
+    Some(ExperimentView {
+        split_by: arms.split_by()?.as_str(),
+        header: arms.header().map(str::to_string),
+        arms: arms
+            .iter()
+            .map(|a| ArmView {
+                name: a.name.clone().unwrap_or_default(),
+                share: a.share,
+                routing: describe_routing(&a.routing),
+                router_state_entries: a.state_size(),
+            })
+            .collect(),
+    })
 }
 
 impl Admin {
@@ -72,6 +109,7 @@ impl Admin {
                             .iter()
                             .map(|e| e.snapshot(now, p.stale_after()))
                             .collect(),
+                        experiment: experiment_view(p.arms()),
                     }
                 })
                 .collect(),

@@ -3,8 +3,9 @@
 //! accept → read head (431 when too large) → read body (bounded, 413) →
 //! parse (400) → pick the pools serving the model (404) → count tokens and
 //! hash prefix blocks → classify → [authenticate, quota and admission slot in
-//! here: see `RequestGuard`] → route → forward and relay → lifecycle record
-//! and metrics, on every path.
+//! here: see `RequestGuard`] → experiment arm (when the pool splits its
+//! traffic) → route → forward and relay → lifecycle record and metrics, on
+//! every path.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -212,10 +213,11 @@ impl Api {
         rec.end_ms = Some(shared.clock.unix_ms(end));
         let pool = rec.pool.clone().unwrap_or_default();
         let class = rec.class.clone().unwrap_or_default();
+        let arm = rec.arm.as_deref().unwrap_or_default();
         shared
             .metrics
             .requests
-            .with_label_values(&[pool.as_str(), class.as_str(), &rec.status.to_string()])
+            .with_label_values(&[pool.as_str(), arm, class.as_str(), &rec.status.to_string()])
             .inc();
         if api.is_some() && !pool.is_empty() {
             shared
@@ -317,6 +319,15 @@ impl Api {
         rec.class = Some(class.class.to_string());
         rec.pool = Some(pool.name().to_string());
         rec.max_tokens = Some(class.max_tokens);
+        // The experiment arm (its router picks the replica): sticky on the
+        // tenant or a header when the pool's split says so.
+        let arm = pool.arms().assign(&tenant.name, |name| {
+            client_head.headers.get(name).and_then(|v| v.to_str().ok())
+        });
+        if let Some(name) = pool.arms().name(arm) {
+            rec.arm = Some(name.to_string());
+        }
+        let arm_label = rec.arm.clone().unwrap_or_default();
 
         let _guard = RequestGuard::new(
             self.shared
@@ -397,6 +408,8 @@ impl Api {
             metrics: &self.shared.metrics,
             clock: &self.shared.clock,
             pool,
+            arm,
+            arm_label: &arm_label,
             limits,
             path: &path_and_query,
             client_head: &client_head,

@@ -17,6 +17,7 @@ use toml::Spanned;
 use crate::config_tenants::{AuthConfig, QuotaConfig, TenantConfig};
 use crate::error::ProxyError;
 use sluice_policies::admission::AdmissionConfig;
+use sluice_policies::experiment::{ExperimentConfig, SplitBy};
 use sluice_policies::routing::RoutingConfig;
 use sluice_policies::tokenizer::Tokenizer;
 
@@ -200,6 +201,10 @@ pub struct PoolConfig {
     /// KV-aware admission control; absent: every request goes straight to routing.
     #[serde(default)]
     pub admission: Option<AdmissionConfig>,
+    /// A live split of the pool's traffic between arms, each with its own
+    /// routing; absent: every request uses `routing`.
+    #[serde(default)]
+    pub experiment: Option<ExperimentConfig>,
 }
 
 fn default_dns_refresh_ms() -> u64 {
@@ -453,6 +458,39 @@ pub fn describe_routing(r: &RoutingConfig) -> String {
     }
 }
 
+/// The `sluice check` lines of a pool's experiment.
+fn explain_experiment(o: &mut String, e: &ExperimentConfig, pool_routing: &RoutingConfig) {
+    let by = match (e.split_by, &e.header) {
+        (SplitBy::Header, Some(h)) => {
+            format!("by header `{h}` (sticky per value; requests without it are split per request)")
+        }
+        (SplitBy::Tenant, _) => "by tenant (sticky per tenant)".to_string(),
+        _ => "per request".to_string(),
+    };
+    let salt = if e.salt.is_empty() {
+        String::new()
+    } else {
+        format!(", salt `{}`", e.salt)
+    };
+    let _ = writeln!(
+        o,
+        "  experiment: traffic split {by}{salt}; each arm has its own router over these endpoints"
+    );
+    for (a, share) in e.arms.iter().zip(e.shares()) {
+        let routing = match &a.routing {
+            Some(r) => describe_routing(r),
+            None => format!("{} (the pool's)", describe_routing(pool_routing)),
+        };
+        let _ = writeln!(
+            o,
+            "    arm `{}`: weight {} ({:.1}% of requests), routing {routing}",
+            a.name,
+            a.weight,
+            share * 100.0
+        );
+    }
+}
+
 /// 1-based line of byte offset `at` in `src`.
 fn line_of(src: &str, at: usize) -> usize {
     src.as_bytes()[..at.min(src.len())]
@@ -516,6 +554,7 @@ impl Config {
             scrape: ScrapeConfig::default(),
             ejection: EjectionConfig::default(),
             admission: None,
+            experiment: None,
         };
         let cfg = Config {
             server: ServerConfig::default(),
@@ -662,6 +701,10 @@ impl Config {
                     "`scrape.stale_after_ms` must be at least `scrape.interval_ms`".into(),
                 ));
             }
+            if let Some(e) = &p.experiment {
+                e.validate(&format!("{key}.experiment"))
+                    .map_err(|m| fail(m.to_string()))?;
+            }
             if let Some(a) = &p.admission {
                 a.validate(&format!("{key}.admission"))
                     .map_err(|m| fail(m.to_string()))?;
@@ -744,6 +787,9 @@ impl Config {
                 }
             }
             let _ = writeln!(o, "  routing: {}", describe_routing(&p.routing));
+            if let Some(e) = &p.experiment {
+                explain_experiment(&mut o, e, &p.routing);
+            }
             let _ = writeln!(
                 o,
                 "  tokens: {}; prefix blocks of {} tokens",

@@ -76,6 +76,10 @@ pub struct Forward<'a> {
     pub clock: &'a Clock,
     /// The pool chosen by classification.
     pub pool: &'a Arc<Pool>,
+    /// The pool's arm whose router picks the replica (0 without an experiment).
+    pub arm: usize,
+    /// The arm's label for metrics and `x-sluice-arm` (empty: no arm).
+    pub arm_label: &'a str,
     /// Retry budget.
     pub limits: &'a Limits,
     /// Upstream path and query.
@@ -161,18 +165,18 @@ impl Forward<'_> {
                 }
             }
             let now = Instant::now();
-            let Some(routed) = self.pool.route(&self.route, now, &tried) else {
+            let Some(routed) = self.pool.route(self.arm, &self.route, now, &tried) else {
                 break;
             };
             if attempt > 0 {
                 rec.retries += 1;
                 self.metrics.retries.with_label_values(&[&pool_name]).inc();
             }
-            let policy = self.pool.policy();
+            let policy = self.pool.policy(self.arm);
             let reason = routed.decision.reason.as_str();
             self.metrics
                 .decisions
-                .with_label_values(&[pool_name.as_str(), policy, reason])
+                .with_label_values(&[pool_name.as_str(), self.arm_label, policy, reason])
                 .inc();
             rec.routed_ms = Some(self.clock.unix_ms(Instant::now()));
             rec.endpoint = Some(routed.endpoint.key.clone());
@@ -487,6 +491,10 @@ impl Forward<'_> {
         }
         resp.insert_header("x-request-id", self.request_id)
             .map_err(internal)?;
+        if !self.arm_label.is_empty() {
+            // A `--arm` label that is no valid header value only loses the header.
+            let _ = resp.insert_header("x-sluice-arm", self.arm_label);
+        }
         for (name, value) in self.extra_headers {
             resp.insert_header(*name, value.as_str())
                 .map_err(internal)?;

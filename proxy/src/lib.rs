@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod admission;
 pub mod api;
+pub mod arms;
 pub mod body;
 pub mod client_stream;
 pub mod config;

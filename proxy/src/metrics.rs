@@ -35,7 +35,7 @@ pub const OVERHEAD_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Finished requests by pool, class and status.
+    /// Finished requests by pool, arm, class and status.
     pub requests: IntCounterVec,
     /// Requests in progress by pool.
     pub in_flight: IntGaugeVec,
@@ -47,7 +47,7 @@ pub struct Metrics {
     pub e2e: HistogramVec,
     /// Arrival to the first upstream send attempt.
     pub routing_overhead: HistogramVec,
-    /// Routing decisions by pool, policy and reason.
+    /// Routing decisions by pool, arm, policy and reason.
     pub decisions: IntCounterVec,
     /// Retries by pool.
     pub retries: IntCounterVec,
@@ -99,13 +99,13 @@ impl Metrics {
             IntGaugeVec::new(Opts::new(n, h), l).unwrap_or_else(|_| unreachable_metric(n))
         };
         let m = Self {
-            requests: cv("sluice_requests_total", "Requests finished, by pool, class and HTTP status.", &["pool", "class", "status"]),
+            requests: cv("sluice_requests_total", "Requests finished, by pool, experiment arm (empty: none), class and HTTP status.", &["pool", "arm", "class", "status"]),
             in_flight: gv("sluice_requests_in_flight", "Requests in progress.", &["pool"]),
             ttft: hist("sluice_time_to_first_token_seconds", "Time from arrival to the first token of a streamed response.", TTFT_BUCKETS, &["pool"]),
             itl: hist("sluice_inter_token_latency_seconds", "Time between token-carrying events of a streamed response.", ITL_BUCKETS, &["pool"]),
             e2e: hist("sluice_e2e_request_latency_seconds", "Time from arrival to the last byte sent to the client.", E2E_BUCKETS, &["pool"]),
             routing_overhead: hist("sluice_routing_overhead_seconds", "Time from arrival (headers read) to the upstream send: body read, parse, tokenize, classify, route.", OVERHEAD_BUCKETS, &["pool"]),
-            decisions: cv("sluice_routing_decisions_total", "Routing decisions, by pool, policy and reason.", &["pool", "policy", "reason"]),
+            decisions: cv("sluice_routing_decisions_total", "Routing decisions, by pool, experiment arm (empty: none), policy and reason.", &["pool", "arm", "policy", "reason"]),
             retries: cv("sluice_upstream_retries_total", "Attempts on another replica before the first byte reached the client.", &["pool"]),
             prompt_tokens: cv("sluice_prompt_tokens_total", "Prompt tokens of finished requests.", &["pool"]),
             output_tokens: cv("sluice_generation_tokens_total", "Output tokens of finished requests (from upstream usage).", &["pool"]),
@@ -179,10 +179,14 @@ mod tests {
     #[test]
     fn families_register_and_render() {
         let m = Metrics::new();
-        m.requests.with_label_values(&["p", "c", "200"]).inc();
+        m.requests.with_label_values(&["p", "a", "c", "200"]).inc();
         m.ttft.with_label_values(&["p"]).observe(0.05);
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("sluice_requests_total{class=\"c\",pool=\"p\",status=\"200\"} 1"));
+        assert!(
+            text.contains(
+                "sluice_requests_total{arm=\"a\",class=\"c\",pool=\"p\",status=\"200\"} 1"
+            )
+        );
         assert!(
             text.contains("sluice_time_to_first_token_seconds_bucket{pool=\"p\",le=\"0.06\"} 1")
         );

@@ -1,5 +1,6 @@
-//! A pool: the replicas serving one model, the router that picks among them,
-//! and the background tasks that keep its view of them current (DNS
+//! A pool: the replicas serving one model, the router that picks among them
+//! (one per arm when the pool runs an experiment, see [`crate::arms`]), and
+//! the background tasks that keep its view of them current (DNS
 //! re-resolution, active health checks, metric scrapes).
 //!
 //! Tasks stop when the pool's generation is replaced by a reload; requests
@@ -7,15 +8,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use sluice_policies::routing::{self, Decision, EndpointView, RouteRequest, Router};
+use sluice_policies::routing::{Decision, EndpointView, RouteRequest};
 use sluice_policies::tokenizer::Tokenizer;
 use tokio::sync::watch;
 
+use crate::arms::Arms;
 use crate::config::{Discovery, PoolConfig};
-use crate::endpoint::{Endpoint, Scraped, lock};
+use crate::endpoint::{Endpoint, Scraped};
 use crate::metrics::Metrics;
 use crate::outlier::may_eject;
 use crate::probe;
@@ -31,8 +33,7 @@ pub struct Pool {
     /// Counts and hashes its prompts.
     pub tokenizer: Tokenizer,
     endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
-    router: Arc<Mutex<Box<dyn Router>>>,
-    policy: &'static str,
+    arms: Arms,
     stop: watch::Sender<bool>,
 }
 
@@ -45,8 +46,8 @@ pub struct Routed {
 }
 
 impl Pool {
-    /// Builds a pool, reusing endpoints (and the router, when its config is
-    /// unchanged) from `previous`, the same-named pool of the old generation.
+    /// Builds a pool, reusing endpoints (and each arm's router, when its config
+    /// is unchanged) from `previous`, the same-named pool of the old generation.
     pub fn new(
         cfg: PoolConfig,
         tokenizer: Tokenizer,
@@ -70,18 +71,13 @@ impl Pool {
             .into_iter()
             .map(|a| old.get(&a).cloned().unwrap_or_else(|| Endpoint::new(a)))
             .collect();
-        let router = match previous {
-            Some(p) if p.cfg.routing == cfg.routing => Arc::clone(&p.router),
-            _ => Arc::new(Mutex::new(routing::build(&cfg.routing, seed))),
-        };
-        let policy = lock(&router).name();
+        let arms = Arms::new(&cfg, previous.map(|p| &p.arms), seed);
         let (stop, _) = watch::channel(false);
         Arc::new(Self {
             cfg,
             tokenizer,
             endpoints: RwLock::new(Arc::new(endpoints)),
-            router,
-            policy,
+            arms,
             stop,
         })
     }
@@ -91,9 +87,14 @@ impl Pool {
         &self.cfg.name
     }
 
-    /// The routing policy's name.
-    pub fn policy(&self) -> &'static str {
-        self.policy
+    /// The routing policy of arm `arm` (0 in a pool without an experiment).
+    pub fn policy(&self, arm: usize) -> &'static str {
+        self.arms.policy(arm)
+    }
+
+    /// The pool's arms and their split.
+    pub fn arms(&self) -> &Arms {
+        &self.arms
     }
 
     /// The current endpoint list.
@@ -127,9 +128,10 @@ impl Pool {
         self.endpoints().iter().any(|e| e.is_routable(now))
     }
 
-    /// Asks the router for an endpoint among the routable ones not in `exclude`.
+    /// Asks arm `arm`'s router for an endpoint among the routable ones not in `exclude`.
     pub fn route(
         &self,
+        arm: usize,
         req: &RouteRequest<'_>,
         now: Instant,
         exclude: &[Arc<Endpoint>],
@@ -150,14 +152,14 @@ impl Pool {
                 load: e.load(now, stale),
             })
             .collect();
-        let decision = lock(&self.router).pick(req, &views)?;
+        let decision = self.arms.pick(arm, req, &views)?;
         let endpoint = Arc::clone(candidates.get(decision.index)?);
         Some(Routed { endpoint, decision })
     }
 
-    /// Entries in the router's bounded state.
+    /// Entries in the routers' bounded state (every arm's together).
     pub fn router_state_size(&self) -> usize {
-        lock(&self.router).state_size()
+        self.arms.state_size()
     }
 
     /// Attributes a failure to `endpoint`, ejecting it if the run is long
