@@ -143,6 +143,15 @@ fn request_split_follows_the_weights_and_labels_everything() {
         m.contains("sluice_routing_decisions_total{arm=\"alt\",policy=\"cache_aware\""),
         "{m}"
     );
+    // Latency by arm, the comparison an experiment is for.
+    assert_eq!(
+        metric_value(
+            &m,
+            "sluice_e2e_request_latency_seconds_count{arm=\"alt\",pool=\"chat\"}"
+        ),
+        Some(alt as f64),
+        "{m}"
+    );
 
     // /admin/state: the arms, their shares and their own routers.
     let s = p.state();

@@ -223,7 +223,7 @@ impl Api {
             shared
                 .metrics
                 .e2e
-                .with_label_values(&[&pool])
+                .with_label_values(&[pool.as_str(), arm])
                 .observe(end.saturating_duration_since(arrival).as_secs_f64());
             if let Some(n) = rec.prompt_tokens {
                 shared

@@ -530,8 +530,8 @@ impl Forward<'_> {
         let mut usage: Option<Usage> = None;
         let mut last_token: Option<Instant> = None;
         let mut first_token: Option<Instant> = None;
-        let ttft = self.metrics.ttft.with_label_values(&[pool]);
-        let itl = self.metrics.itl.with_label_values(&[pool]);
+        let ttft = self.metrics.ttft.with_label_values(&[pool, self.arm_label]);
+        let itl = self.metrics.itl.with_label_values(&[pool, self.arm_label]);
         loop {
             let (deadline, what) = if is_sse && first_token.is_none() {
                 (first_token_deadline, "first_token_timeout")

@@ -6,7 +6,7 @@
 //! bucket on one dashboard.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -39,11 +39,11 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Requests in progress by pool.
     pub in_flight: IntGaugeVec,
-    /// Time to first token (streaming).
+    /// Time to first token (streaming), by pool and arm.
     pub ttft: HistogramVec,
-    /// Gap between token-carrying events (streaming).
+    /// Gap between token-carrying events (streaming), by pool and arm.
     pub itl: HistogramVec,
-    /// Arrival to last byte.
+    /// Arrival to last byte, by pool and arm.
     pub e2e: HistogramVec,
     /// Arrival to the first upstream send attempt.
     pub routing_overhead: HistogramVec,
@@ -101,9 +101,9 @@ impl Metrics {
         let m = Self {
             requests: cv("sluice_requests_total", "Requests finished, by pool, experiment arm (empty: none), class and HTTP status.", &["pool", "arm", "class", "status"]),
             in_flight: gv("sluice_requests_in_flight", "Requests in progress.", &["pool"]),
-            ttft: hist("sluice_time_to_first_token_seconds", "Time from arrival to the first token of a streamed response.", TTFT_BUCKETS, &["pool"]),
-            itl: hist("sluice_inter_token_latency_seconds", "Time between token-carrying events of a streamed response.", ITL_BUCKETS, &["pool"]),
-            e2e: hist("sluice_e2e_request_latency_seconds", "Time from arrival to the last byte sent to the client.", E2E_BUCKETS, &["pool"]),
+            ttft: hist("sluice_time_to_first_token_seconds", "Time from arrival to the first token of a streamed response, by pool and experiment arm (empty: none).", TTFT_BUCKETS, &["pool", "arm"]),
+            itl: hist("sluice_inter_token_latency_seconds", "Time between token-carrying events of a streamed response, by pool and experiment arm.", ITL_BUCKETS, &["pool", "arm"]),
+            e2e: hist("sluice_e2e_request_latency_seconds", "Time from arrival to the last byte sent to the client, by pool and experiment arm.", E2E_BUCKETS, &["pool", "arm"]),
             routing_overhead: hist("sluice_routing_overhead_seconds", "Time from arrival (headers read) to the upstream send: body read, parse, tokenize, classify, route.", OVERHEAD_BUCKETS, &["pool"]),
             decisions: cv("sluice_routing_decisions_total", "Routing decisions, by pool, experiment arm (empty: none), policy and reason.", &["pool", "arm", "policy", "reason"]),
             retries: cv("sluice_upstream_retries_total", "Attempts on another replica before the first byte reached the client.", &["pool"]),
@@ -159,11 +159,6 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
-
-    /// A single-label histogram handle (cheap to observe repeatedly).
-    pub fn pool_hist(h: &HistogramVec, pool: &str) -> Histogram {
-        h.with_label_values(&[pool])
-    }
 }
 
 impl Default for Metrics {
@@ -180,16 +175,16 @@ mod tests {
     fn families_register_and_render() {
         let m = Metrics::new();
         m.requests.with_label_values(&["p", "a", "c", "200"]).inc();
-        m.ttft.with_label_values(&["p"]).observe(0.05);
+        m.ttft.with_label_values(&["p", "a"]).observe(0.05);
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
             text.contains(
                 "sluice_requests_total{arm=\"a\",class=\"c\",pool=\"p\",status=\"200\"} 1"
             )
         );
-        assert!(
-            text.contains("sluice_time_to_first_token_seconds_bucket{pool=\"p\",le=\"0.06\"} 1")
-        );
+        assert!(text.contains(
+            "sluice_time_to_first_token_seconds_bucket{arm=\"a\",pool=\"p\",le=\"0.06\"} 1"
+        ));
         assert_eq!(
             m.registry.gather().len(),
             4,
