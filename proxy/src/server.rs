@@ -43,7 +43,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<String>,
     /// Routing policy for every pool (round_robin, random, least_requests,
-    /// least_kv, power_of_two, prefix_affinity, cache_aware, scored).
+    /// least_kv, power_of_two, prefix_affinity, cache_aware, scored). Arms of a
+    /// `[pools.experiment]` that set their own `routing` keep it.
     #[arg(long, value_name = "NAME")]
     pub policy: Option<String>,
     /// Model name the --upstream pool serves (default: accept any model).
@@ -55,7 +56,9 @@ pub struct ServeArgs {
     /// Seed for randomised routing policies.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Experiment arm label written into lifecycle records.
+    /// Experiment arm label for lifecycle records, `x-sluice-arm` and the `arm`
+    /// metric label (`sluice ab` sets it); a pool's `[pools.experiment]` arm
+    /// takes precedence for that pool's requests.
     #[arg(long, value_name = "NAME")]
     pub arm: Option<String>,
 }
