@@ -21,8 +21,15 @@ use common::{MODEL, Proxy, Sim, metric_value, sims, write_config};
 use serde_json::Value;
 use tenants::{Reply, chat, read_reply, sha256_hex};
 
-/// POST a small chat request with optional API key and extra headers.
+/// POST a small chat request with optional API key and extra headers; expects a 200.
 fn ask(addr: &str, key: Option<&str>, headers: &[(&str, &str)], request_id: &str) -> Reply {
+    let r = ask_any(addr, key, headers, request_id);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r
+}
+
+/// Like [`ask`], whatever the status.
+fn ask_any(addr: &str, key: Option<&str>, headers: &[(&str, &str)], request_id: &str) -> Reply {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let body = chat(&format!("hello from {request_id}"), 2, false).to_string();
@@ -37,9 +44,7 @@ fn ask(addr: &str, key: Option<&str>, headers: &[(&str, &str)], request_id: &str
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     s.write_all(format!("{head}\r\n{body}").as_bytes()).unwrap();
-    let r = read_reply(s);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    r
+    read_reply(s)
 }
 
 /// The arm a reply was labelled with.
@@ -270,6 +275,11 @@ fn tenant_split_is_sticky_per_tenant() {
             sha256_hex(&format!("sk-{n}"))
         ));
     }
+    // A tenant whose requests the proxy refuses after the arm is chosen (max_tokens 2 > cap 1).
+    text.push_str(&format!(
+        "\n[[tenants]]\nname = \"capped\"\napi_key_sha256 = [\"{}\"]\n[tenants.limits]\nmax_output_tokens = 1\n",
+        sha256_hex("sk-capped")
+    ));
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "tenants.toml", &text);
     let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
@@ -291,8 +301,21 @@ fn tenant_split_is_sticky_per_tenant() {
     }
     let a = arm_of_tenant.values().filter(|x| *x == "a").count();
     assert!((1..names.len()).contains(&a), "{arm_of_tenant:?}");
-    let recs = records_by_id(&p, names.len() * 3);
-    for r in recs.values() {
+    // The proxy's own errors carry the arm too, once it was chosen.
+    let refused: Vec<Reply> = (0..2)
+        .map(|i| ask_any(&p.api.addr, Some("sk-capped"), &[], &format!("capped-{i}")))
+        .collect();
+    for r in &refused {
+        assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.header("x-sluice-error"), Some("true"));
+    }
+    assert_eq!(arm_of(&refused[0]), arm_of(&refused[1]));
+    let recs = records_by_id(&p, names.len() * 3 + 2);
+    assert_eq!(
+        recs["capped-0"]["arm"].as_str(),
+        Some(arm_of(&refused[0]).as_str())
+    );
+    for r in recs.values().filter(|r| r["tenant"] != "capped") {
         let tenant = r["tenant"].as_str().unwrap();
         assert_eq!(
             r["arm"].as_str(),

@@ -102,7 +102,7 @@ impl HttpServerApp for Api {
                         ProxyError::bad_request("The request head is not valid HTTP/1.1")
                     };
                     session.set_keepalive(None);
-                    write_error(&mut session, &err, None).await;
+                    write_error(&mut session, &err, None, None).await;
                 }
                 return None;
             }
@@ -201,7 +201,7 @@ impl Api {
                 rec.error = Some(e.label().to_string());
                 if session.response_written().is_none() {
                     rec.status = e.status();
-                    write_error(session, e, Some(&request_id)).await
+                    write_error(session, e, Some(&request_id), rec.arm.as_deref()).await
                 } else {
                     // The head already went out (a stream or body cut short): the
                     // connection's framing is no longer trustworthy.
@@ -570,11 +570,13 @@ async fn write_json<T: Serialize>(
         .map_err(|_| ProxyError::ClientGone)
 }
 
-/// Sends the proxy's own error; returns whether the connection may be reused.
+/// Sends the proxy's own error (with the experiment arm, when the request had
+/// one by then); returns whether the connection may be reused.
 async fn write_error(
     session: &mut ServerSession,
     err: &ProxyError,
     request_id: Option<&str>,
+    arm: Option<&str>,
 ) -> bool {
     let body = err.body();
     let Ok(mut h) = ResponseHeader::build(err.status(), Some(4)) else {
@@ -588,6 +590,9 @@ async fn write_error(
     }
     if let Some(id) = request_id {
         let _ = h.insert_header("x-request-id", id);
+    }
+    if let Some(arm) = arm {
+        let _ = h.insert_header("x-sluice-arm", arm);
     }
     if session.write_response_header(Box::new(h)).await.is_err() {
         return false;
