@@ -363,7 +363,7 @@ fn check_explains_experiments_and_rejects_broken_ones() {
 
     let base = "[[pools]]\nname = \"chat\"\nmodel = \"m\"\nendpoints = [\"127.0.0.1:1\"]\n\n";
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[&str]); 7] = [
+    let cases: [(&str, &[&str]); 8] = [
         (
             "[pools.experiment]\n[[pools.experiment.arms]]\nname = \"a\"\nweight = 1\n[[pools.experiment.arms]]\nname = \"b\"\nweight = -2\n",
             &["line 1", "pools[0].experiment", "arms[1].weight", "-2"],
@@ -391,6 +391,10 @@ fn check_explains_experiments_and_rejects_broken_ones() {
         (
             "[pools.experiment]\n[[pools.experiment.arms]]\nname = \"a\"\nweight = 1\nrouting = { policy = \"round_robin\", balance_abs_threshold = 4 }\n",
             &["arms[0].routing", "balance_abs_threshold", "cache_aware"],
+        ),
+        (
+            "[pools.experiment]\nsplit_by = \"tenant\"\n[[pools.experiment.arms]]\nname = \"a\"\nweight = 1\n",
+            &["line 1", "needs `[[tenants]]`"],
         ),
     ];
     for (i, (experiment, wants)) in cases.iter().enumerate() {

@@ -704,6 +704,11 @@ impl Config {
             if let Some(e) = &p.experiment {
                 e.validate(&format!("{key}.experiment"))
                     .map_err(|m| fail(m.to_string()))?;
+                if e.split_by == SplitBy::Tenant && self.tenants.is_empty() {
+                    return Err(fail(
+                        "`experiment.split_by = \"tenant\"` needs `[[tenants]]`: without them every request is tenant `default` and one arm gets everything".into(),
+                    ));
+                }
             }
             if let Some(a) = &p.admission {
                 a.validate(&format!("{key}.admission"))
