@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use sluice_policies::experiment::{ArmConfig, ExperimentConfig, Split, SplitBy};
 use sluice_policies::prefix::{BlockHash, block_hashes};
 use sluice_policies::routing::{
     EndpointLoad, EndpointView, EngineGauges, PolicyKind, RouteRequest, Router, RoutingConfig,
@@ -179,6 +180,45 @@ fn bench_prompt_side(c: &mut Criterion) {
     group.finish();
 }
 
+/// Arm assignment of a live experiment (4 arms): per request, and sticky on a
+/// 36-character session id.
+fn bench_experiment(c: &mut Criterion) {
+    let cfg = ExperimentConfig {
+        split_by: SplitBy::Header,
+        header: Some("x-session-id".into()),
+        salt: String::new(),
+        arms: [4.0, 3.0, 2.0, 1.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| ArmConfig {
+                name: format!("arm{i}"),
+                weight,
+                routing: None,
+            })
+            .collect(),
+    };
+    let split = Split::new(&cfg);
+    let sessions: Vec<String> = (0..1024)
+        .map(|i| format!("{i:08x}-5f3c-4d1e-9a7b-{:012x}", i * 7919))
+        .collect();
+    let mut group = c.benchmark_group("experiment_4_arms");
+    let mut n = 0u64;
+    group.bench_function("by_request", |b| {
+        b.iter(|| {
+            n += 1;
+            black_box(split.arm_for_request(black_box(n)))
+        })
+    });
+    let mut i = 0usize;
+    group.bench_function("by_session_header", |b| {
+        b.iter(|| {
+            i = (i + 1) % sessions.len();
+            black_box(split.assign(Some(black_box(&sessions[i])), 0))
+        })
+    });
+    group.finish();
+}
+
 /// Times `n` single decisions per policy and prints percentiles.
 fn percentiles(n: usize) {
     let prompts = prompts();
@@ -245,7 +285,7 @@ fn report(name: &str, samples: &mut [Duration]) {
     );
 }
 
-criterion_group!(benches, bench_routing, bench_prompt_side);
+criterion_group!(benches, bench_routing, bench_prompt_side, bench_experiment);
 
 fn main() {
     // Under `cargo test --benches` (no `--bench`), run a token amount so the target stays tested.
