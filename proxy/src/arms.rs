@@ -81,7 +81,8 @@ impl Arms {
             }
         };
         let (arms, split, header) = match &cfg.experiment {
-            Some(e) => (
+            // An experiment without arms never passes validation; route as if unset.
+            Some(e) if !e.arms.is_empty() => (
                 e.arms
                     .iter()
                     .zip(e.shares())
@@ -93,7 +94,7 @@ impl Arms {
                 Some(Split::new(e)),
                 e.header.clone(),
             ),
-            None => (vec![make(None, 1.0, cfg.routing.clone())], None, None),
+            _ => (vec![make(None, 1.0, cfg.routing.clone())], None, None),
         };
         let requests = previous.map_or(0, |p| p.requests.load(Ordering::Relaxed));
         Self {
@@ -147,10 +148,10 @@ impl Arms {
         self.arms.iter()
     }
 
-    /// Arm `arm`, or the first when out of range.
+    /// Arm `arm`, or the last when out of range.
     fn get(&self, arm: usize) -> &Arm {
-        // `arms` is never empty: `new` builds at least one.
-        &self.arms[arm.min(self.arms.len() - 1)]
+        // `new` always builds at least one arm.
+        &self.arms[arm.min(self.arms.len().saturating_sub(1))]
     }
 
     /// The name of arm `arm` (`None` without an experiment).
@@ -219,6 +220,17 @@ routing = { policy = "cache_aware" }
         assert_eq!(arms.name(0), None);
         assert_eq!(arms.policy(0), "least_requests");
         assert_eq!(arms.policy(7), "least_requests");
+        // An unvalidated experiment without arms routes as if there were none.
+        let mut empty = pool("");
+        empty.experiment = Some(sluice_policies::experiment::ExperimentConfig {
+            split_by: SplitBy::Request,
+            header: None,
+            salt: String::new(),
+            arms: Vec::new(),
+        });
+        let arms = Arms::new(&empty, None, 1);
+        assert!(!arms.is_experiment());
+        assert_eq!(arms.assign("t", |_| None), 0);
     }
 
     #[test]
