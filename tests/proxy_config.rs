@@ -1,6 +1,7 @@
 //! Configuration: `sluice check` explains the annotated example and names
 //! the line of a mistake; SIGHUP reloads a good file, rejects a broken one
-//! while serving on, and does not drop a request in flight.
+//! while serving on, and does not drop a request in flight; a changed file
+//! is reloaded without a signal, however it was replaced.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -134,7 +135,8 @@ fn sighup_reloads_good_configs_and_rejects_broken_ones() {
     let sim = Sim::start(&["--seed", "3"]);
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "live.toml", &pool_config(MODEL, &sim.addr));
-    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+    // Signals only: the file watcher would race the signal for the same change.
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap(), "--no-watch-config"]);
     assert_eq!(model_ids(&p), [MODEL]);
 
     // A long stream in flight across both reloads.
@@ -183,6 +185,117 @@ fn sighup_reloads_good_configs_and_rejects_broken_ones() {
         metric_value(&metrics, "sluice_config_reloads_total{result=\"success\"}"),
         Some(1.0)
     );
+}
+
+fn routed_pool(addrs: &[&str], policy: &str) -> String {
+    let eps: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        "[[pools]]\nname = \"p\"\nmodel = \"{MODEL}\"\nendpoints = [{}]\n[pools.routing]\npolicy = \"{policy}\"\n",
+        eps.join(", ")
+    )
+}
+
+#[test]
+fn config_file_changes_reload_without_a_signal() {
+    let sims = sims(2, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Laid out like a Kubernetes ConfigMap volume: sluice.toml -> ..data/sluice.toml,
+    // ..data -> ..v1; an update writes ..v2 and swaps the ..data link.
+    std::fs::create_dir(d.join("..v1")).unwrap();
+    write_config(
+        &d.join("..v1"),
+        "sluice.toml",
+        &routed_pool(&[&sims[0].addr], "round_robin"),
+    );
+    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+    let cfg = d.join("sluice.toml");
+    std::os::unix::fs::symlink("..data/sluice.toml", &cfg).unwrap();
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+    let s = p.state();
+    assert_eq!(s["pools"][0]["routing"], "round_robin");
+    assert!(s["last_reload"].is_null(), "{s}");
+
+    // 1. ConfigMap update: another policy and a second replica.
+    std::fs::create_dir(d.join("..v2")).unwrap();
+    write_config(
+        &d.join("..v2"),
+        "sluice.toml",
+        &routed_pool(&[&sims[0].addr, &sims[1].addr], "least_requests"),
+    );
+    std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    let s = p.wait_state("the ConfigMap update", |s| s["generation"] == 2);
+    assert_eq!(s["pools"][0]["routing"], "least_requests");
+    assert_eq!(s["pools"][0]["endpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(s["last_reload"]["trigger"], "file_change");
+    assert_eq!(s["last_reload"]["ok"], true);
+
+    // 2. A broken file, written in place: rejected, reported, the old config serves on.
+    std::fs::write(
+        &cfg,
+        "[[pools]]\nname = \"p\"\nmodel = \"m\"\nendpoints = [\"nowhere\"]\n",
+    )
+    .unwrap();
+    let s = p.wait_state("the rejection", |s| s["last_reload"]["ok"] == false);
+    assert_eq!(s["generation"], 2);
+    assert_eq!(s["pools"][0]["routing"], "least_requests");
+    let err = s["last_reload"]["error"].as_str().unwrap();
+    assert!(err.contains("endpoints[0]"), "{err}");
+    assert!(p.stderr().contains("reload rejected"), "{}", p.stderr());
+    let r = p
+        .api
+        .post("/v1/chat/completions", &chat("still there?", 1, false));
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // 3. An editor's save: a new file renamed over the path (the link becomes a file).
+    let tmp = write_config(
+        d,
+        ".sluice.toml.swp",
+        &routed_pool(&[&sims[1].addr], "power_of_two"),
+    );
+    std::fs::rename(&tmp, &cfg).unwrap();
+    let s = p.wait_state("the editor's save", |s| s["generation"] == 3);
+    assert_eq!(s["pools"][0]["routing"], "power_of_two");
+    assert_eq!(s["last_reload"]["ok"], true);
+    let metrics = p.admin.get("/metrics").text();
+    assert_eq!(
+        metric_value(&metrics, "sluice_config_reloads_total{result=\"failure\"}"),
+        Some(1.0),
+        "a broken file is tried once"
+    );
+    assert_eq!(
+        metric_value(&metrics, "sluice_config_reloads_total{result=\"success\"}"),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn sigusr1_reopens_the_lifecycle_log_after_logrotate() {
+    let sims = sims(1, &[]);
+    let p = Proxy::over(&sims, &[]);
+    let post = || p.api.post("/v1/chat/completions", &chat("x", 1, false));
+    assert_eq!(post().status, 200);
+    p.records(1);
+    // logrotate's default: move the file away, then signal the writer.
+    let moved = p.lifecycle.with_extension("jsonl.1");
+    std::fs::rename(&p.lifecycle, &moved).unwrap();
+    p.signal("USR1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(post().status, 200);
+        if p.lifecycle.exists() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log was never reopened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!p.records(1).is_empty());
+    let old = std::fs::read_to_string(&moved).unwrap();
+    assert!(old.lines().count() >= 1 && old.ends_with('\n'));
+    for l in old.lines() {
+        serde_json::from_str::<Value>(l).expect("whole JSON lines in the rotated file");
+    }
 }
 
 #[test]

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::arms::Arms;
 use crate::config::describe_routing;
 use crate::endpoint::EndpointSnapshot;
-use crate::state::Shared;
+use crate::state::{ReloadStatus, Shared};
 
 /// The admin listener's app.
 pub struct Admin {
@@ -34,6 +34,8 @@ impl Admin {
 struct StateView {
     generation: u64,
     config_path: Option<String>,
+    /// The latest reload attempt (signal or file change); absent before the first.
+    last_reload: Option<ReloadStatus>,
     pools: Vec<PoolView>,
 }
 
@@ -94,6 +96,7 @@ impl Admin {
                 .config_path
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            last_reload: self.shared.last_reload(),
             pools: g
                 .pools
                 .iter()

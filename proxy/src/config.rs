@@ -139,10 +139,19 @@ pub struct LifecycleConfig {
     /// Also record the prompt text (off by default: prompts are user data).
     #[serde(default)]
     pub include_prompts: bool,
+    /// Rotate the file before it would pass this size (bytes); absent: never.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// Rotated files kept as `log.1` (newest) … `log.N`.
+    #[serde(default = "default_lifecycle_keep")]
+    pub keep: u32,
 }
 
 fn default_lifecycle_log() -> String {
     "off".into()
+}
+fn default_lifecycle_keep() -> u32 {
+    5
 }
 
 impl Default for LifecycleConfig {
@@ -150,6 +159,18 @@ impl Default for LifecycleConfig {
         Self {
             log: default_lifecycle_log(),
             include_prompts: false,
+            max_bytes: None,
+            keep: default_lifecycle_keep(),
+        }
+    }
+}
+
+impl LifecycleConfig {
+    /// The rotation limits for the writer.
+    pub fn rotation(&self) -> crate::lifecycle::Rotation {
+        crate::lifecycle::Rotation {
+            max_bytes: self.max_bytes.unwrap_or(0),
+            keep: self.keep,
         }
     }
 }
@@ -605,6 +626,12 @@ impl Config {
         if self.limits.max_retries > 10 {
             return Err("`limits.max_retries` must be at most 10".into());
         }
+        if self.lifecycle.max_bytes.is_some_and(|b| b < 1024) {
+            return Err("`lifecycle.max_bytes` must be at least 1024".into());
+        }
+        if self.lifecycle.keep > 1000 {
+            return Err("`lifecycle.keep` must be at most 1000".into());
+        }
         if self.pools.is_empty() {
             return Err("no `[[pools]]` configured; at least one pool is needed".into());
         }
@@ -763,12 +790,19 @@ impl Config {
         );
         let _ = writeln!(
             o,
-            "lifecycle log: {}{}",
+            "lifecycle log: {}{}{}",
             self.lifecycle.log,
             if self.lifecycle.include_prompts {
                 " (prompts included)"
             } else {
                 ""
+            },
+            match self.lifecycle.max_bytes {
+                Some(b) => format!(
+                    "; rotated at {b} bytes, {} old files kept; reopened on SIGHUP/SIGUSR1",
+                    self.lifecycle.keep
+                ),
+                None => "; reopened on SIGHUP/SIGUSR1".to_string(),
             }
         );
         for p in self.pools() {

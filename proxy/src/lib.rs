@@ -17,6 +17,7 @@ pub mod body;
 pub mod client_stream;
 pub mod config;
 pub mod config_tenants;
+pub mod config_watch;
 pub mod endpoint;
 pub mod error;
 pub mod forward;

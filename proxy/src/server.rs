@@ -1,5 +1,6 @@
 //! Listeners and the process around them: bind (port 0 allowed), accept into
-//! Pingora's HTTP sessions, reload on SIGHUP, drain on SIGTERM/SIGINT.
+//! Pingora's HTTP sessions, reload on SIGHUP or when the config file changes,
+//! reopen the lifecycle log on SIGHUP/SIGUSR1, drain on SIGTERM/SIGINT.
 //!
 //! The proxy binds its own sockets (rather than using Pingora's `Server`
 //! bootstrap) so it can report the real port of a `:0` listener and run
@@ -20,7 +21,7 @@ use crate::api::Api;
 use crate::client_stream::ClientStream;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::state::{Overrides, Shared};
+use crate::state::{Overrides, ReloadTrigger, Shared};
 
 /// Most client connections served at once; more wait in the kernel backlog.
 const MAX_CONNECTIONS: usize = 65_536;
@@ -61,6 +62,9 @@ pub struct ServeArgs {
     /// takes precedence for that pool's requests.
     #[arg(long, value_name = "NAME")]
     pub arm: Option<String>,
+    /// Reload only on SIGHUP, not when the --config file changes.
+    #[arg(long)]
+    pub no_watch_config: bool,
 }
 
 /// `sluice check` options.
@@ -150,6 +154,12 @@ impl RunningProxy {
             watch_rx.clone(),
             Some(Arc::clone(&shared)),
         ));
+        if !args.no_watch_config {
+            tokio::spawn(crate::config_watch::watch(
+                Arc::clone(&shared),
+                watch_rx.clone(),
+            ));
+        }
         tokio::spawn(accept_loop(admin_listener, admin, watch_rx, None));
         Ok(Self {
             shared,
@@ -193,7 +203,8 @@ impl RunningProxy {
 }
 
 /// Runs `sluice serve` until SIGTERM/SIGINT: prints the listening line,
-/// reloads on SIGHUP.
+/// reloads on SIGHUP (and on file changes), reopens the lifecycle log on
+/// SIGHUP and SIGUSR1.
 pub async fn serve(args: ServeArgs) -> Result<(), ProxyError> {
     let proxy = RunningProxy::start(&args).await?;
     {
@@ -221,17 +232,17 @@ async fn wait_for_signals(proxy: &RunningProxy) -> Result<(), ProxyError> {
         })
     };
     let mut hup = sig(SignalKind::hangup())?;
+    let mut usr1 = sig(SignalKind::user_defined1())?;
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => match proxy.shared.reload() {
-                Ok(id) => tracing::info!(generation = id, "config reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "config reload rejected; the running config stays");
-                    eprintln!("sluice: reload rejected, keeping the running config: {e}");
-                }
-            },
+            _ = hup.recv() => {
+                // Logged and counted inside; the running config stays on error.
+                let _ = proxy.shared.reload(ReloadTrigger::Signal);
+                proxy.shared.reopen_logs();
+            }
+            _ = usr1.recv() => proxy.shared.reopen_logs(),
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
         }

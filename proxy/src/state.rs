@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use sluice_policies::classify::Classifier;
 use sluice_policies::routing::RoutingConfig;
 
@@ -87,10 +88,39 @@ impl Generation {
     }
 }
 
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadTrigger {
+    /// SIGHUP.
+    Signal,
+    /// The config file's content changed.
+    FileChange,
+}
+
+/// The outcome of the latest reload attempt, shown on `/admin/state`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    /// What asked for it.
+    pub trigger: ReloadTrigger,
+    /// When it ran (Unix milliseconds).
+    pub at_ms: f64,
+    /// Whether the new config is now in use.
+    pub ok: bool,
+    /// The generation in use afterwards.
+    pub generation: u64,
+    /// Why the new config was rejected.
+    pub error: Option<String>,
+}
+
 /// State shared by every connection.
 pub struct Shared {
     generation: RwLock<Arc<Generation>>,
     next_id: AtomicU64,
+    /// The config file's bytes as last read by a (re)load, so the file
+    /// watcher reloads each new content once, whether it loads or not.
+    seen_config: Mutex<Option<Vec<u8>>>,
+    last_reload: Mutex<Option<ReloadStatus>>,
     /// Keep-alive connections to replicas.
     pub upstream: UpstreamPool,
     /// Quota state and admission gates (they outlive config generations).
@@ -122,9 +152,12 @@ impl Shared {
         let metrics = Metrics::new();
         let tenancy = Tenancy::new(&config, metrics.registry()).map_err(ProxyError::Config)?;
         let generation = build_generation(1, config, None, &metrics, seed)?;
+        let seen = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
         let shared = Arc::new(Self {
             generation: RwLock::new(Arc::clone(&generation)),
             next_id: AtomicU64::new(2),
+            seen_config: Mutex::new(seen),
+            last_reload: Mutex::new(None),
             upstream: UpstreamPool::new(IDLE_PER_REPLICA, UPSTREAM_IDLE),
             tenancy,
             metrics,
@@ -151,18 +184,50 @@ impl Shared {
     }
 
     /// Re-reads the config file and swaps it in; on any error the running
-    /// config stays. Requests in flight finish on the generation they started with.
-    pub fn reload(&self) -> Result<u64, ProxyError> {
+    /// config stays. Requests in flight finish on the generation they started
+    /// with. The outcome is counted, logged and kept for `/admin/state`.
+    pub fn reload(&self, trigger: ReloadTrigger) -> Result<u64, ProxyError> {
         let result = self.try_reload();
         let label = if result.is_ok() { "success" } else { "failure" };
         self.metrics.reloads.with_label_values(&[label]).inc();
+        match &result {
+            Ok(id) => tracing::info!(generation = id, ?trigger, "config reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, ?trigger, "config reload rejected; the running config stays");
+                eprintln!("sluice: reload rejected, keeping the running config: {e}");
+            }
+        }
+        *lock(&self.last_reload) = Some(ReloadStatus {
+            trigger,
+            at_ms: self.clock.unix_ms(Instant::now()),
+            ok: result.is_ok(),
+            generation: self.current().id,
+            error: result.as_ref().err().map(ToString::to_string),
+        });
         result
+    }
+
+    /// The latest reload attempt, if any.
+    pub fn last_reload(&self) -> Option<ReloadStatus> {
+        lock(&self.last_reload).clone()
+    }
+
+    /// Whether `content` differs from the config file as last (re)loaded.
+    pub fn config_changed(&self, content: &[u8]) -> bool {
+        lock(&self.seen_config).as_deref() != Some(content)
+    }
+
+    /// Tells SIGHUP/SIGUSR1 to the lifecycle writer: reopen the file.
+    pub fn reopen_logs(&self) {
+        self.current().lifecycle.reopen();
     }
 
     fn try_reload(&self) -> Result<u64, ProxyError> {
         let path = self.config_path.as_ref().ok_or_else(|| {
             ProxyError::Config("no config file to reload (started without --config)".into())
         })?;
+        // Remembered before parsing, so a broken file is tried once, not every poll.
+        *lock(&self.seen_config) = std::fs::read(path).ok();
         let mut config = Config::load(path)?;
         self.overrides.apply(&mut config);
         config
@@ -195,6 +260,10 @@ impl Shared {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn build_generation(
     id: u64,
     config: Config,
@@ -204,9 +273,15 @@ fn build_generation(
 ) -> Result<Arc<Generation>, ProxyError> {
     let classifier = config.classifier()?;
     let tenants = build_directory(&config).map_err(ProxyError::Config)?;
+    let rotation = config.lifecycle.rotation();
     let lifecycle = match previous {
-        Some(p) if p.config.lifecycle.log == config.lifecycle.log => p.lifecycle.clone(),
-        _ => LifecycleLog::open(&config.lifecycle.log, metrics.clone())?,
+        // The same destination keeps its writer (two writers on one file would
+        // interleave and rotate each other's files); new limits apply to it.
+        Some(p) if p.lifecycle.dest() == config.lifecycle.log => {
+            p.lifecycle.set_rotation(rotation);
+            p.lifecycle.clone()
+        }
+        _ => LifecycleLog::open(&config.lifecycle.log, rotation, metrics.clone())?,
     };
     let tokenizers = config.tokenizers()?;
     let pools = config
