@@ -1,13 +1,16 @@
 //! Command-line entry points (`sluice workload|bench|ab`), wired into the `sluice` binary.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 
 use std::time::Duration;
 
+use crate::arms::summarize_by_arm;
 use crate::error::{BenchError, Result};
-use crate::loadgen::output::{format_summary, write_results};
+use crate::loadgen::client::header_name;
+use crate::loadgen::output::{format_arm_summaries, format_summary, write_results_by_arm};
 use crate::loadgen::{ApiClient, LoadConfig, LoadMode, run_load};
 use crate::metrics::{Slo, summarize};
 use crate::workload::import::{ImportOptions, TraceFormat, import};
@@ -216,6 +219,23 @@ pub struct BenchArgs {
     /// API key sent as a bearer token.
     #[arg(long, env = "SLUICE_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// API key per workload tenant, TENANT=KEY (repeatable, or comma-separated in the
+    /// environment): each request authenticates as its tenant; other tenants send --api-key.
+    #[arg(
+        long = "tenant-key",
+        value_name = "TENANT=KEY",
+        env = "SLUICE_BENCH_TENANT_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub tenant_keys: Vec<String>,
+    /// Send each request's workload tenant in this header (the tenant is always the body's `user`).
+    #[arg(long, value_name = "NAME")]
+    pub tenant_header: Option<String>,
+    /// Send each request's conversation (its prefix_group, else its id) in this header, e.g.
+    /// x-session-id, so a proxy experiment with split_by = "header" keeps a conversation on one arm.
+    #[arg(long, value_name = "NAME")]
+    pub session_header: Option<String>,
     /// Goodput SLOs in ms, e.g. ttft=500,tpot=50 (also e2el).
     #[arg(long)]
     pub slo: Option<String>,
@@ -231,6 +251,31 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `TENANT=KEY` pairs as a map; a tenant given twice is an error.
+fn tenant_keys(pairs: &[String]) -> Result<HashMap<String, String>> {
+    let mut keys = HashMap::new();
+    for pair in pairs {
+        let (tenant, key) = pair
+            .split_once('=')
+            .filter(|(t, k)| !t.trim().is_empty() && !k.trim().is_empty())
+            .ok_or_else(|| {
+                // Never echo the pair: it holds a key.
+                BenchError::invalid("--tenant-key", "expected TENANT=KEY")
+            })?;
+        let tenant = tenant.trim().to_string();
+        if keys
+            .insert(tenant.clone(), key.trim().to_string())
+            .is_some()
+        {
+            return Err(BenchError::invalid(
+                "--tenant-key",
+                format!("tenant {tenant:?} is given twice"),
+            ));
+        }
+    }
+    Ok(keys)
 }
 
 fn secs(flag: &str, v: f64) -> Result<Duration> {
@@ -289,14 +334,29 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         request_timeout: secs("--request-timeout", args.request_timeout)?,
         progress: !args.quiet,
     };
+    let session_header = args
+        .session_header
+        .as_deref()
+        .map(|h| header_name("--session-header", h))
+        .transpose()?;
+    let tenant_header = args
+        .tenant_header
+        .as_deref()
+        .map(|h| header_name("--tenant-header", h))
+        .transpose()?;
+    let keys = tenant_keys(&args.tenant_keys)?;
     let workload = read_workload(&args.workload)?;
     runtime()?.block_on(async move {
         let stop = ctrl_c_stop();
-        let client =
-            ApiClient::connect(&args.target, args.model.clone(), args.api_key.clone()).await?;
+        let client = ApiClient::connect(&args.target, args.model.clone(), args.api_key.clone())
+            .await?
+            .with_session_header(session_header)
+            .with_tenant_header(tenant_header)
+            .with_tenant_keys(keys);
         let model = client.model.clone();
         let out = run_load(client, workload, &cfg, stop).await?;
         let summary = summarize(&out.records, out.duration_s, &slo);
+        let arms = summarize_by_arm(&out.records, out.duration_s, &slo);
         let meta = serde_json::json!({
             "target": args.target,
             "model": model,
@@ -305,9 +365,15 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
             "requests": out.records.len(),
             "interrupted": out.interrupted,
             "slo": slo,
+            "session_header": args.session_header,
+            "tenant_header": args.tenant_header,
         });
-        write_results(&args.out, &out.records, &summary, &meta)?;
+        write_results_by_arm(&args.out, &out.records, &summary, &arms, &meta)?;
+        if !arms.is_empty() {
+            println!("{:=^52}", " all requests ");
+        }
         print!("{}", format_summary(&summary));
+        print!("{}", format_arm_summaries(&arms));
         println!("results in {}", args.out.display());
         if out.interrupted {
             return Err(BenchError::Interrupted);

@@ -5,6 +5,7 @@
 //! needs a fleet.
 
 pub mod ab;
+pub mod arms;
 pub mod cli;
 pub mod error;
 pub mod fleet;

@@ -912,6 +912,7 @@ fn to_records(
         success,
         error: t.error.clone(),
         request_id: Some(request_id.clone()),
+        arm: None,
     };
     let life = LifecycleRecord {
         request_id,

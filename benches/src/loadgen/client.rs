@@ -1,10 +1,12 @@
 //! Sending one workload request over HTTP/1.1 and timing its response.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Uri, header};
+use http::{HeaderName, HeaderValue, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -30,6 +32,21 @@ pub struct ApiClient {
     /// Served model name put in every request.
     pub model: String,
     api_key: Option<String>,
+    /// Per-tenant API keys; a tenant without one sends `api_key`.
+    tenant_keys: Arc<HashMap<String, String>>,
+    /// Header carrying each request's conversation (prefix group, else id).
+    session_header: Option<HeaderName>,
+    /// Header carrying each request's workload tenant.
+    tenant_header: Option<HeaderName>,
+}
+
+/// The response header in which the proxy names the experiment arm that served a request.
+pub const ARM_HEADER: &str = "x-sluice-arm";
+
+/// Parses a header name given on the command line (`flag` names it in the error).
+pub fn header_name(flag: &'static str, name: &str) -> Result<HeaderName> {
+    HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+        .map_err(|_| BenchError::invalid(flag, format!("{name:?} is not a valid header name")))
 }
 
 impl ApiClient {
@@ -70,12 +87,35 @@ impl ApiClient {
             authority,
             model: String::new(),
             api_key,
+            tenant_keys: Arc::default(),
+            session_header: None,
+            tenant_header: None,
         };
         c.model = match model {
             Some(m) => m,
             None => c.first_model().await?,
         };
         Ok(c)
+    }
+
+    /// Sends each request's conversation — its `prefix_group`, else its workload id — in
+    /// header `name`, so a proxy splitting by that header keeps a conversation on one arm.
+    pub fn with_session_header(mut self, name: Option<HeaderName>) -> Self {
+        self.session_header = name;
+        self
+    }
+
+    /// Sends each request's workload tenant in header `name`.
+    pub fn with_tenant_header(mut self, name: Option<HeaderName>) -> Self {
+        self.tenant_header = name;
+        self
+    }
+
+    /// Authenticates each request with its workload tenant's key from `keys`
+    /// (tenant → API key); tenants without one use the client's API key.
+    pub fn with_tenant_keys(mut self, keys: HashMap<String, String>) -> Self {
+        self.tenant_keys = Arc::new(keys);
+        self
     }
 
     /// The base URL.
@@ -189,8 +229,16 @@ impl ApiClient {
         let mut builder = Request::post(format!("{}{path}", self.base))
             .header(header::HOST, &self.authority)
             .header(header::CONTENT_TYPE, "application/json");
-        if let Some(key) = &self.api_key {
+        let key = self.tenant_keys.get(&req.tenant).or(self.api_key.as_ref());
+        if let Some(key) = key {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        if let Some(name) = &self.session_header {
+            let session = req.prefix_group.as_deref().unwrap_or(&req.id);
+            builder = builder.header(name, header_value(name, session)?);
+        }
+        if let Some(name) = &self.tenant_header {
+            builder = builder.header(name, header_value(name, &req.tenant)?);
         }
         let http_req = builder
             .body(Full::new(Bytes::from(body)))
@@ -204,6 +252,12 @@ impl ApiClient {
         rec.request_id = resp
             .headers()
             .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        // Read before the status check: the proxy labels its own errors with the arm too.
+        rec.arm = resp
+            .headers()
+            .get(ARM_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let mut body = resp.into_body();
@@ -267,6 +321,11 @@ impl ApiClient {
         rec.success = true;
         Ok(())
     }
+}
+
+/// `value` (from the workload file) as the value of header `name`.
+fn header_value(name: &HeaderName, value: &str) -> std::result::Result<HeaderValue, String> {
+    HeaderValue::from_str(value).map_err(|_| format!("{value:?} cannot be sent as header {name}"))
 }
 
 /// An error and its sources on one line (hyper's top-level messages are terse).

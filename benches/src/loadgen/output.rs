@@ -1,5 +1,6 @@
 //! Writing a run's results: per-request records (JSONL and CSV) and the summary (JSON and CSV).
 
+use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -17,6 +18,8 @@ pub const RECORDS_CSV: &str = "records.csv";
 pub const SUMMARY_JSON: &str = "summary.json";
 /// Summary CSV (`metric,value`).
 pub const SUMMARY_CSV: &str = "summary.csv";
+/// Per-arm summary CSV (`arm,metric,value`), written when a live split served the run.
+pub const SUMMARY_BY_ARM_CSV: &str = "summary_by_arm.csv";
 
 #[derive(Serialize)]
 struct CsvRow<'a> {
@@ -38,6 +41,7 @@ struct CsvRow<'a> {
     success: bool,
     error: &'a str,
     request_id: &'a str,
+    arm: &'a str,
 }
 
 fn csv_err(path: &Path, e: csv::Error) -> BenchError {
@@ -49,6 +53,20 @@ pub fn write_results(
     dir: &Path,
     records: &[RequestRecord],
     summary: &Summary,
+    meta: &serde_json::Value,
+) -> Result<()> {
+    write_results_by_arm(dir, records, summary, &BTreeMap::new(), meta)
+}
+
+/// Like [`write_results`], plus each experiment arm's summary (from
+/// [`crate::arms::summarize_by_arm`]): summary.json gets an `arms` object keyed
+/// by arm name with the same metric keys as `metrics`, and summary_by_arm.csv
+/// one `arm,metric,value` row per metric. Nothing extra when `arms` is empty.
+pub fn write_results_by_arm(
+    dir: &Path,
+    records: &[RequestRecord],
+    summary: &Summary,
+    arms: &BTreeMap<String, Summary>,
     meta: &serde_json::Value,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
@@ -84,17 +102,27 @@ pub fn write_results(
             success: r.success,
             error: r.error.as_deref().unwrap_or(""),
             request_id: r.request_id.as_deref().unwrap_or(""),
+            arm: r.arm.as_deref().unwrap_or(""),
         })
         .map_err(|e| csv_err(&path, e))?;
     }
     c.flush().map_err(|e| BenchError::io(&path, e))?;
 
     let path = dir.join(SUMMARY_JSON);
-    let mut flat = serde_json::Map::new();
-    for (k, v) in summary.flat() {
-        flat.insert(k, serde_json::json!(v));
+    let flat = |s: &Summary| -> serde_json::Map<String, serde_json::Value> {
+        s.flat()
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::json!(v)))
+            .collect()
+    };
+    let mut doc = serde_json::json!({ "meta": meta, "metrics": flat(summary), "summary": summary });
+    if !arms.is_empty() {
+        let by_arm: serde_json::Map<String, serde_json::Value> = arms
+            .iter()
+            .map(|(arm, s)| (arm.clone(), serde_json::Value::Object(flat(s))))
+            .collect();
+        doc["arms"] = serde_json::Value::Object(by_arm);
     }
-    let doc = serde_json::json!({ "meta": meta, "metrics": flat, "summary": summary });
     std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)
         .map_err(|e| BenchError::io(&path, e))?;
 
@@ -105,6 +133,21 @@ pub fn write_results(
     for (k, v) in summary.flat() {
         c.write_record([k, format!("{v}")])
             .map_err(|e| csv_err(&path, e))?;
+    }
+    c.flush().map_err(|e| BenchError::io(&path, e))?;
+
+    if arms.is_empty() {
+        return Ok(());
+    }
+    let path = dir.join(SUMMARY_BY_ARM_CSV);
+    let mut c = csv::Writer::from_path(&path).map_err(|e| csv_err(&path, e))?;
+    c.write_record(["arm", "metric", "value"])
+        .map_err(|e| csv_err(&path, e))?;
+    for (arm, s) in arms {
+        for (k, v) in s.flat() {
+            c.write_record([arm.as_str(), k.as_str(), format!("{v}").as_str()])
+                .map_err(|e| csv_err(&path, e))?;
+        }
     }
     c.flush().map_err(|e| BenchError::io(&path, e))
 }
@@ -165,6 +208,16 @@ pub fn format_summary(s: &Summary) -> String {
             format!("{:.2}", st.median_ms),
         );
         line(&format!("P99 {name} (ms):"), format!("{:.2}", st.p99_ms));
+    }
+    out
+}
+
+/// One [`format_summary`] section per experiment arm, each under a banner naming the arm.
+pub fn format_arm_summaries(arms: &BTreeMap<String, Summary>) -> String {
+    let mut out = String::new();
+    for (arm, s) in arms {
+        out.push_str(&format!("{:=^52}\n", format!(" arm {arm} ")));
+        out.push_str(&format_summary(s));
     }
     out
 }

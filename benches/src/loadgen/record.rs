@@ -47,6 +47,9 @@ pub struct RequestRecord {
     /// `x-request-id` returned by the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Experiment arm the proxy sent it to (`x-sluice-arm`, also on the proxy's own errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm: Option<String>,
 }
 
 impl RequestRecord {
