@@ -326,3 +326,177 @@ fn a_client_that_leaves_the_queue_leaves_no_trace() {
     assert_eq!(spawn(&p, "k", "after", 50, 10).join().unwrap().status, 200);
     assert_no_trace(&p);
 }
+
+/// Two classes told apart by prompt length, so that `shortest_first` would
+/// serve them the other way round: `urgent` (long prompts) and `relaxed`.
+fn slo_classes(urgent_ms: u64, relaxed_ms: u64) -> String {
+    format!(
+        "[[classes]]\nname = \"urgent\"\npool = \"chat\"\nmin_prompt_tokens = 400\nttft_slo_ms = {urgent_ms}\n\
+         [[classes]]\nname = \"relaxed\"\npool = \"chat\"\nmax_prompt_tokens = 399\nttft_slo_ms = {relaxed_ms}\n"
+    )
+}
+
+#[test]
+fn deadline_order_serves_the_class_with_the_tighter_ttft_slo_first() {
+    let sims = pool_sims();
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy(
+        dir.path(),
+        &config(
+            &sims,
+            &admission("deadline", ""),
+            &(tenant("t", "k", "") + &slo_classes(5_000, 19_000)),
+        ),
+    );
+    let b = blocker(&p, &sims, "k");
+    // The relaxed ones arrive first; the urgent ones' deadlines are still earlier.
+    let mut handles = Vec::new();
+    for (i, (tag, words)) in [("r0", 300), ("r1", 300), ("u0", 400), ("u1", 400)]
+        .into_iter()
+        .enumerate()
+    {
+        handles.push(spawn(&p, "k", tag, words, 300));
+        wait_metric(&p, "sluice_admission_queue_length{pool=\"chat\"}", |v| {
+            v >= (i + 1) as f64
+        });
+    }
+    release(&sims, b);
+    for h in handles {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    let mut recs: Vec<serde_json::Value> = p
+        .records(5)
+        .into_iter()
+        .filter(|r| r["status"] == 200 && r["class"] != "default")
+        .collect();
+    recs.sort_by(|a, b| {
+        a["routed_ms"]
+            .as_f64()
+            .unwrap()
+            .total_cmp(&b["routed_ms"].as_f64().unwrap())
+    });
+    // The blocker was cut off (not a 200); the queued four in deadline order.
+    let classes: Vec<&str> = recs.iter().map(|r| r["class"].as_str().unwrap()).collect();
+    assert_eq!(
+        classes,
+        ["urgent", "urgent", "relaxed", "relaxed"],
+        "{recs:?}"
+    );
+    assert_no_trace(&p);
+}
+
+#[test]
+fn requests_that_cannot_start_within_their_ttft_slo_are_shed_and_leave_no_trace() {
+    let sims = pool_sims();
+    let dir = tempfile::tempdir().unwrap();
+    // urgent: 50 ms SLO, 50 of them the engine's own: no time to wait at all.
+    // relaxed: 300 ms to wait in the queue.
+    let p = proxy(
+        dir.path(),
+        &config(
+            &sims,
+            &admission("deadline", "shed_on_ttft_slo = true\nengine_ttft_ms = 50"),
+            &(tenant(
+                "t",
+                "k",
+                "[tenants.limits]\nmax_concurrent = 10\ntokens_per_minute = 1000000",
+            ) + &slo_classes(50, 350)),
+        ),
+    );
+    let b = blocker(&p, &sims, "k");
+    // Cannot start now and has no time to wait: shed at once, 503 + Retry-After.
+    let r = spawn(&p, "k", "urgent", 400, 300).join().unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(r.header("x-sluice-error"), Some("true"));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("time-to-first-token")
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "sluice_admission_decisions_total{outcome=\"queued\",pool=\"chat\"}"
+        ),
+        0.0,
+        "shed without waiting"
+    );
+    // Waits its budget in the queue, then is shed the same way.
+    let r = spawn(&p, "k", "relaxed", 300, 300).join().unwrap();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        metric(
+            &p,
+            "sluice_admission_decisions_total{outcome=\"ttft_slo\",pool=\"chat\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "sluice_tenant_rejected_requests_total{reason=\"ttft_slo\",tenant=\"t\"}"
+        ),
+        2.0
+    );
+    assert_eq!(queue_len(&p), 0.0);
+    release(&sims, b);
+    assert_no_trace(&p);
+    // With capacity back (and a scrape that shows it), requests run again.
+    let addr = sims[0].addr.clone();
+    p.wait_state("the engine's waiting queue empty", |s| {
+        common::endpoint_state(s, &addr)["num_requests_waiting"].as_f64() == Some(0.0)
+    });
+    assert_eq!(spawn(&p, "k", "after", 50, 10).join().unwrap().status, 200);
+    assert_no_trace(&p);
+}
+
+#[test]
+fn the_gate_holds_from_the_first_request_without_any_scrape() {
+    let sims = pool_sims();
+    let dir = tempfile::tempdir().unwrap();
+    // Scraping off: the gate only ever knows its own admissions and the
+    // configured capacity (64 blocks, 51 allowed; each request needs 40+).
+    let text = format!(
+        "[[pools]]\nname = \"chat\"\nmodel = \"{MODEL}\"\nendpoints = [\"{}\"]\n[pools.scrape]\nenabled = false\n{}\n{}",
+        sims[0].addr,
+        admission("fifo", &format!("endpoint_kv_blocks = {BLOCKS}")),
+        tenant("t", "k", ""),
+    );
+    let p = proxy(dir.path(), &text);
+    let f = sims[0].post("/admin/faults", &json!({"stall": true}));
+    assert_eq!(f.status, 200);
+    let first = send(
+        &p.api.addr,
+        "/v1/chat/completions",
+        Some("k"),
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": prompt("first", 300)}],
+                "max_tokens": 300, "ignore_eos": true, "stream": true}),
+    );
+    let reserved = wait_metric(
+        &p,
+        "sluice_admission_kv_reserved_blocks{pool=\"chat\"}",
+        |v| v > 0.0,
+    );
+    let second = spawn(&p, "k", "second", 300, 300);
+    wait_metric(&p, "sluice_admission_queue_length{pool=\"chat\"}", |v| {
+        v == 1.0
+    });
+    assert_eq!(
+        metric(&p, "sluice_admission_kv_reserved_blocks{pool=\"chat\"}"),
+        reserved,
+        "the second request waits for the first"
+    );
+    assert_eq!(
+        metric(
+            &p,
+            "sluice_admission_decisions_total{outcome=\"admitted\",pool=\"chat\"}"
+        ),
+        1.0
+    );
+    release(&sims, first);
+    assert_eq!(second.join().unwrap().status, 200);
+    assert_no_trace(&p);
+}

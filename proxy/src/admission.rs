@@ -25,8 +25,9 @@ use crate::pool::Pool;
 use crate::usage::UsageMetrics;
 
 /// How often a pool with a non-empty queue re-checks its gate (timeouts,
-/// fresh scrapes) without waiting for a release.
-const TICK: Duration = Duration::from_millis(20);
+/// fresh scrapes, the prefill window passing) without waiting for a release.
+/// Short: a TTFT budget is tens of milliseconds.
+const TICK: Duration = Duration::from_millis(5);
 
 enum Wake {
     Admitted(KvTicket),
@@ -120,18 +121,33 @@ impl PoolGate {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The pool's fresh gauges, with scrape times on this gate's clock.
-    fn snapshot(&self) -> Option<PoolSnapshot> {
-        let pool = lock(&self.pool).upgrade()?;
+    /// The pool's fresh gauges, with scrape times on this gate's clock, and
+    /// how many endpoints are routable (sizes `endpoint_kv_blocks`; 0 when unknown).
+    fn snapshot(&self) -> (Option<PoolSnapshot>, u32) {
+        let Some(pool) = lock(&self.pool).upgrade() else {
+            return (None, 0);
+        };
         let now = Instant::now();
         let now_ms = self.now_ms();
         let stale = pool.stale_after();
         let eps = pool.endpoints();
-        PoolSnapshot::from_gauges(eps.iter().filter(|e| e.is_routable(now)).filter_map(|e| {
-            let gauges = e.load(now, stale).engine?;
-            let age = u64::try_from(e.scrape_age(now)?.as_millis()).unwrap_or(u64::MAX);
-            Some((gauges, now_ms.saturating_sub(age)))
-        }))
+        let routable = eps.iter().filter(|e| e.is_routable(now)).count();
+        let snapshot =
+            PoolSnapshot::from_gauges(eps.iter().filter(|e| e.is_routable(now)).filter_map(|e| {
+                let gauges = e.load(now, stale).engine?;
+                let age = u64::try_from(e.scrape_age(now)?.as_millis()).unwrap_or(u64::MAX);
+                Some((gauges, now_ms.saturating_sub(age)))
+            }));
+        (snapshot, u32::try_from(routable).unwrap_or(u32::MAX))
+    }
+
+    /// Polls the queue with fresh gauges (call with the lock held).
+    fn poll(&self, inner: &mut Inner) -> Released {
+        let (snapshot, endpoints) = self.snapshot();
+        if endpoints > 0 {
+            inner.adm.set_endpoints(endpoints);
+        }
+        inner.adm.poll(snapshot.as_ref(), self.now_ms())
     }
 
     /// Admits `req` now, or queues it until admitted, shed, or `client_gone`
@@ -144,10 +160,13 @@ impl PoolGate {
     where
         F: Future<Output = ()>,
     {
-        let snapshot = self.snapshot();
+        let (snapshot, endpoints) = self.snapshot();
         let start = Instant::now();
         let queued = {
             let mut inner = lock(&self.inner);
+            if endpoints > 0 {
+                inner.adm.set_endpoints(endpoints);
+            }
             let (offer, released) = inner.adm.offer(req, snapshot.as_ref(), self.now_ms());
             let out = match offer {
                 Offer::Admitted(kv) => {
@@ -249,8 +268,7 @@ impl PoolGate {
             self.gauges(&inner);
             return;
         }
-        let snapshot = self.snapshot();
-        let released = inner.adm.poll(snapshot.as_ref(), self.now_ms());
+        let released = self.poll(&mut inner);
         self.dispatch(&mut inner, released);
         self.gauges(&inner);
     }
@@ -284,8 +302,7 @@ impl PoolGate {
             if !returned || inner.adm.queue_len() == 0 {
                 return;
             }
-            let snapshot = self.snapshot();
-            released = inner.adm.poll(snapshot.as_ref(), self.now_ms());
+            released = self.poll(inner);
         }
     }
 
@@ -321,6 +338,7 @@ impl PoolGate {
 fn shed_label(s: &Shed) -> &'static str {
     match (s.reason, s.status.http_status()) {
         (sluice_policies::admission::ShedReason::QueueTimeout, _) => "timeout",
+        (sluice_policies::admission::ShedReason::TtftSlo, _) => "ttft_slo",
         (_, 429) => "shed_429",
         _ => "shed_503",
     }
@@ -344,8 +362,7 @@ impl Drop for Waiting {
         } else if let Ok(Wake::Admitted(kv)) = rx.try_recv() {
             // Admitted in the same instant the client left: give it back.
             inner.adm.release(kv);
-            let snapshot = self.gate.snapshot();
-            let released = inner.adm.poll(snapshot.as_ref(), self.gate.now_ms());
+            let released = self.gate.poll(&mut inner);
             self.gate.dispatch(&mut inner, released);
         }
         self.gate.gauges(&inner);
@@ -389,8 +406,7 @@ impl Drop for AdmissionSlot {
                 .settle_fair(&self.tenant, self.max_tokens, out, self.weight);
         }
         if inner.adm.queue_len() > 0 {
-            let snapshot = self.gate.snapshot();
-            let released = inner.adm.poll(snapshot.as_ref(), self.gate.now_ms());
+            let released = self.gate.poll(&mut inner);
             self.gate.dispatch(&mut inner, released);
         }
         self.gate.gauges(&inner);

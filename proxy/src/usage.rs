@@ -104,7 +104,7 @@ impl UsageMetrics {
             ),
             decisions: counter(
                 "sluice_admission_decisions_total",
-                "Admission outcomes, by pool: admitted, queued, dequeued, shed_429, shed_503, timeout, cancelled.",
+                "Admission outcomes, by pool: admitted, queued, dequeued, shed_429, shed_503, timeout, ttft_slo, cancelled.",
                 &["pool", "outcome"],
             ),
             queue_wait: HistogramVec::new(

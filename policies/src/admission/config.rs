@@ -112,6 +112,11 @@ pub struct AdmissionConfig {
     /// The TTFT an engine adds once a request is admitted (prefill in a busy
     /// batch), in milliseconds; what remains of the SLO is the queue's budget.
     pub engine_ttft_ms: u64,
+    /// Most requests per endpoint admitted within the last `engine_ttft_ms`
+    /// (so still in prefill): prefills that run together lengthen the
+    /// engine's step and so every one of their first tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_prefilling: Option<u32>,
 }
 
 impl Default for AdmissionConfig {
@@ -131,6 +136,7 @@ impl Default for AdmissionConfig {
             endpoint_kv_blocks: None,
             shed_on_ttft_slo: false,
             engine_ttft_ms: 0,
+            max_prefilling: None,
         }
     }
 }
@@ -182,6 +188,17 @@ impl AdmissionConfig {
         if self.endpoint_kv_blocks == Some(0) {
             return invalid("endpoint_kv_blocks", "must be > 0 when set".into());
         }
+        if let Some(n) = self.max_prefilling {
+            if n == 0 {
+                return invalid("max_prefilling", "must be > 0 when set".into());
+            }
+            if self.engine_ttft_ms == 0 {
+                return invalid(
+                    "max_prefilling",
+                    "needs `engine_ttft_ms` > 0 (how long a request stays in prefill)".into(),
+                );
+            }
+        }
         if !(1..=4096).contains(&self.block_size) {
             return invalid(
                 "block_size",
@@ -210,6 +227,7 @@ mod tests {
             "max_engine_waiting = -1.0",
             "endpoint_kv_blocks = 0",
             "default_deadline_ms = 0",
+            "max_prefilling = 2",
         ] {
             let c: AdmissionConfig = toml::from_str(bad).unwrap();
             let e = c.validate("pool chat").unwrap_err().to_string();

@@ -90,6 +90,8 @@ pub enum Saturation {
     Kv,
     /// Engine waiting queues over `max_engine_waiting`.
     Waiting,
+    /// `max_prefilling` requests per endpoint started within the engine's TTFT.
+    Prefill,
 }
 
 impl Saturation {
@@ -98,6 +100,7 @@ impl Saturation {
         match self {
             Saturation::Kv => "kv_cache",
             Saturation::Waiting => "engine_queue",
+            Saturation::Prefill => "prefill",
         }
     }
 }
@@ -123,6 +126,10 @@ pub struct KvGate {
     max_engine_waiting: f64,
     endpoint_kv_blocks: Option<u64>,
     endpoints: u32,
+    /// (most per endpoint, window): admissions younger than the window are still in prefill.
+    prefill_limit: Option<(u32, u64)>,
+    /// Admission times within the prefill window, oldest first.
+    starts: VecDeque<u64>,
     /// (admitted at, blocks) since the oldest scrape that may not include them.
     recent: VecDeque<(u64, u64)>,
     recent_blocks: u64,
@@ -143,6 +150,8 @@ impl KvGate {
             max_engine_waiting,
             endpoint_kv_blocks,
             endpoints: 1,
+            prefill_limit: None,
+            starts: VecDeque::new(),
             recent: VecDeque::new(),
             recent_blocks: 0,
             in_flight_blocks: 0,
@@ -160,6 +169,15 @@ impl KvGate {
         }
     }
 
+    /// Limits requests in prefill: at most `per_endpoint` admissions per
+    /// endpoint within the last `window_ms` (the engine's own TTFT). Every
+    /// prefill that runs at once lengthens the engine step, so each one more
+    /// adds to every first token in flight.
+    pub fn with_prefill_limit(mut self, per_endpoint: u32, window_ms: u64) -> Self {
+        self.prefill_limit = Some((per_endpoint.max(1), window_ms.max(1)));
+        self
+    }
+
     /// Sets how many endpoints serve the pool now (sizes the configured capacity).
     pub fn set_endpoints(&mut self, endpoints: u32) {
         self.endpoints = endpoints.max(1);
@@ -173,6 +191,16 @@ impl KvGate {
         now_ms: u64,
     ) -> Result<(), Saturation> {
         self.forget_before(now_ms.saturating_sub(RECENT_HORIZON_MS));
+        if let Some((per_endpoint, window_ms)) = self.prefill_limit {
+            let since = now_ms.saturating_sub(window_ms);
+            while self.starts.front().is_some_and(|&at| at <= since) {
+                self.starts.pop_front();
+            }
+            let max = u64::from(per_endpoint) * u64::from(self.endpoints);
+            if self.starts.len() as u64 >= max {
+                return Err(Saturation::Prefill);
+            }
+        }
         // Scraped usage plus own admissions the scrape cannot include yet.
         let mut scraped_used = None;
         if let Some(s) = snapshot {
@@ -206,6 +234,13 @@ impl KvGate {
     /// Records an admission of `demand` blocks.
     pub fn reserve(&mut self, demand: u64, now_ms: u64) -> KvTicket {
         self.recent.push_back((now_ms, demand));
+        if self.prefill_limit.is_some() {
+            // Bounded: `check` refuses past the limit, and old entries go on every check.
+            if self.starts.len() >= RECENT_MAX {
+                self.starts.pop_front();
+            }
+            self.starts.push_back(now_ms);
+        }
         self.recent_blocks += demand;
         self.in_flight_blocks += demand;
         self.forget_before(now_ms.saturating_sub(RECENT_HORIZON_MS));
@@ -324,5 +359,18 @@ mod tests {
         assert_eq!(g.check(300, Some(&later), 210), Ok(()));
         g.release(a);
         assert_eq!(g.check(1500, Some(&later), 220), Ok(()));
+    }
+
+    #[test]
+    fn prefill_limit_spaces_admissions_by_the_engine_ttft() {
+        let mut g = KvGate::new(0.9, 4.0, Some(1000)).with_prefill_limit(1, 25);
+        g.set_endpoints(2);
+        // Two endpoints: two may start at once, the third waits 25 ms.
+        for _ in 0..2 {
+            g.check(1, None, 100).unwrap();
+            let _ = g.reserve(1, 100);
+        }
+        assert_eq!(g.check(1, None, 110), Err(Saturation::Prefill));
+        assert_eq!(g.check(1, None, 125), Ok(()));
     }
 }

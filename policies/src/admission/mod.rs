@@ -81,11 +81,17 @@ impl PoolAdmission {
     /// Admission for a pool with `cfg` (validated by [`AdmissionConfig::validate`]).
     pub fn new(cfg: AdmissionConfig) -> Self {
         PoolAdmission {
-            gate: KvGate::new(
-                cfg.max_kv_usage,
-                cfg.max_engine_waiting,
-                cfg.endpoint_kv_blocks,
-            ),
+            gate: {
+                let gate = KvGate::new(
+                    cfg.max_kv_usage,
+                    cfg.max_engine_waiting,
+                    cfg.endpoint_kv_blocks,
+                );
+                match cfg.max_prefilling {
+                    Some(n) => gate.with_prefill_limit(n, cfg.engine_ttft_ms),
+                    None => gate,
+                }
+            },
             queue: AdmissionQueue::new(
                 cfg.order,
                 cfg.max_queue_len,
@@ -186,8 +192,8 @@ impl PoolAdmission {
         }
     }
 
-    /// Sheds timed-out requests, then admits from the head of the queue while
-    /// the gate allows.
+    /// Sheds what has waited too long (its TTFT budget is spent: it is not
+    /// started late), then admits from the head of the queue while the gate allows.
     pub fn poll(&mut self, snapshot: Option<&PoolSnapshot>, now_ms: u64) -> Released {
         let mut out = Released {
             admitted: Vec::new(),
@@ -403,6 +409,7 @@ mod tests {
             order in 0usize..4,
             shed_on_ttft_slo in any::<bool>(),
             endpoint_kv_blocks in proptest::option::of(1u64..2000),
+            max_prefilling in proptest::option::of(1u32..4),
         ) {
             let order = [QueueOrder::Fifo, QueueOrder::ShortestFirst, QueueOrder::Deadline, QueueOrder::Fair][order];
             let mut adm = PoolAdmission::new(AdmissionConfig {
@@ -411,6 +418,7 @@ mod tests {
                 max_queue_wait_ms: 400,
                 shed_on_ttft_slo,
                 endpoint_kv_blocks,
+                max_prefilling,
                 engine_ttft_ms: 30,
                 ..Default::default()
             });
