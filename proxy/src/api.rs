@@ -354,7 +354,7 @@ impl Api {
                 prompt_tokens: facts.prompt_tokens,
                 cached_tokens: 0,
                 max_tokens,
-                ttft_slo_ms: None,
+                ttft_slo_ms: class.ttft_slo_ms,
             };
             match gate.admit(&req, client_gone(session)).await {
                 Ok((slot, _)) => admission = Some(slot),
