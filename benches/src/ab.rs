@@ -319,6 +319,9 @@ pub struct RunResult {
     pub dir: PathBuf,
     /// Client-side metrics.
     pub summary: Summary,
+    /// Requests the proxy turned away for load: 429 or 503 (admission sheds, quotas).
+    #[serde(default)]
+    pub shed: usize,
     /// Engine-side view per replica.
     pub replicas: Vec<ReplicaResult>,
     /// Prefix cache hit rate over all replicas (hit tokens / queried tokens).
@@ -532,6 +535,11 @@ async fn run_arm(
         rate,
         dir: dir.to_path_buf(),
         summary,
+        shed: out
+            .records
+            .iter()
+            .filter(|r| matches!(r.status, 429 | 503))
+            .count(),
         prefix_hit_rate: (queries > 0.0).then(|| hits / queries),
         preemptions: replicas.iter().map(|r| r.preemptions).sum(),
         max_over_mean_requests: (mean > 0.0)
@@ -643,6 +651,15 @@ policy = "cache_aware"
         // The trace is replayed at its own rate in engine time.
         assert_eq!(e.load.time_scale, Some(1.0 / e.fleet.sim.speedup));
         assert_eq!(e.workload.path, Some(dir.join("mooncake.jsonl")));
+        // Admission under 3× overload: both arms' proxy configs exist; unloaded and 3× capacity.
+        let e = Experiment::load(&dir.join("admission_overload.toml")).unwrap();
+        assert_eq!(e.load.rates, vec![5.0, 60.0]);
+        for arm in &e.arms {
+            let config = arm.config.as_ref().unwrap();
+            let text = std::fs::read_to_string(config).unwrap();
+            assert!(text.contains("{{upstreams}}"), "{}", config.display());
+            assert_eq!(text.contains("[pools.admission]"), arm.name == "admission");
+        }
     }
 
     #[test]

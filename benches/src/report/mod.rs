@@ -69,6 +69,13 @@ pub const METRICS: &[Metric] = &[
         decimals: 1,
     },
     Metric {
+        name: "TTFT p50 ms",
+        unit: Unit::Latency,
+        higher_is_better: false,
+        get: |r| Some(r.summary.ttft.median_ms),
+        decimals: 1,
+    },
+    Metric {
         name: "TTFT p99 ms",
         unit: Unit::Latency,
         higher_is_better: false,
@@ -122,6 +129,13 @@ pub const METRICS: &[Metric] = &[
         unit: Unit::Plain,
         higher_is_better: false,
         get: |r| Some(r.summary.failed as f64),
+        decimals: 0,
+    },
+    Metric {
+        name: "shed 429/503",
+        unit: Unit::Plain,
+        higher_is_better: false,
+        get: |r| Some(r.shed as f64),
         decimals: 0,
     },
 ];
@@ -405,6 +419,7 @@ mod tests {
             rate: None,
             dir: PathBuf::new(),
             summary,
+            shed: 2,
             replicas: Vec::new(),
             prefix_hit_rate: Some(0.5),
             preemptions: 3.0,
@@ -424,6 +439,7 @@ mod tests {
         assert_eq!(v("req/s"), 10.0);
         assert_eq!(v("prefix hit %"), 50.0);
         assert_eq!(v("preemptions"), 3.0);
+        assert_eq!(v("shed 429/503"), 2.0);
         assert!(time_note(&exp).contains("wall-clock × 4"));
         // Real endpoints run on the wall clock.
         exp.fleet.urls = vec!["http://127.0.0.1:1".into()];
