@@ -442,3 +442,32 @@ pub fn run_ab(args: AbArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_keys_parse_and_errors_never_echo_a_key() {
+        let keys = tenant_keys(&["a=k1".into(), " b = k=2 ".into()]).unwrap();
+        assert_eq!(keys["a"], "k1");
+        assert_eq!(keys["b"], "k=2", "a key may contain '='");
+        for bad in ["secret-key", "=secret-key", "a="] {
+            let e = tenant_keys(&[bad.into()]).unwrap_err().to_string();
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let e = tenant_keys(&["a=secret1".into(), "a=secret2".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"a\"") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn header_flags_are_validated() {
+        assert_eq!(
+            header_name("--session-header", "X-Session-Id").unwrap(),
+            "x-session-id"
+        );
+        assert!(header_name("--session-header", "bad header").is_err());
+    }
+}

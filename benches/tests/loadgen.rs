@@ -11,6 +11,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use sluice_bench::arms::summarize_by_arm;
 use sluice_bench::loadgen::{ApiClient, LoadConfig, LoadMode, run_load};
 use sluice_bench::metrics::{Slo, summarize};
 use sluice_bench::workload::{Content, Message, WorkloadRequest};
@@ -27,7 +28,30 @@ fn full(status: u16, v: Value) -> Response<Body> {
     r
 }
 
+/// Like a proxy running an experiment, every response to a request with an
+/// `x-session-id` carries `x-sluice-arm` — here the echo `s=<session>;k=<bearer
+/// key>;t=<x-tenant>` of what the client sent, so a test can check all three.
 async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let echo = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let arm = echo("x-session-id").map(|s| {
+        let key = echo("authorization").unwrap_or_default();
+        let key = key.trim_start_matches("Bearer ").to_string();
+        format!("s={s};k={key};t={}", echo("x-tenant").unwrap_or_default())
+    });
+    let mut resp = respond(req).await?;
+    if let Some(arm) = arm {
+        resp.headers_mut()
+            .insert("x-sluice-arm", arm.parse().unwrap());
+    }
+    Ok(resp)
+}
+
+async fn respond(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     if req.uri().path() == "/v1/models" {
         return Ok(full(
             200,
@@ -303,4 +327,59 @@ async fn bad_targets_fail_clearly() {
         .unwrap()
         .to_string();
     assert!(err.contains("/v1/models"), "{err}");
+}
+
+#[tokio::test]
+async fn arms_sessions_and_tenant_keys_go_both_ways() {
+    let addr = mock_server().await;
+    let keys = [("error".to_string(), "k-error".to_string())].into();
+    let client = ApiClient::connect(&format!("http://{addr}"), None, Some("k-default".into()))
+        .await
+        .unwrap()
+        .with_session_header(Some("x-session-id".parse().unwrap()))
+        .with_tenant_header(Some("x-tenant".parse().unwrap()))
+        .with_tenant_keys(keys);
+    // Streamed chat in two conversations, unstreamed completions without a group,
+    // and a tenant whose every request gets a 503.
+    let mut w = workload(6, "t", true, true, 1.0);
+    for (i, r) in w.iter_mut().enumerate() {
+        r.prefix_group = Some(format!("conv-{}", i % 2));
+    }
+    w.extend(
+        workload(3, "t", false, false, 1.0)
+            .into_iter()
+            .map(|mut r| {
+                r.id = format!("solo-{}", r.id);
+                r
+            }),
+    );
+    w.extend(
+        workload(2, "error", true, true, 1.0)
+            .into_iter()
+            .map(|mut r| {
+                r.id = format!("err-{}", r.id);
+                r
+            }),
+    );
+    let out = run_load(client, w, &LoadConfig::default(), no_stop())
+        .await
+        .unwrap();
+    assert_eq!(out.records.len(), 11);
+    for r in &out.records {
+        let session = r.prefix_group.clone().unwrap_or_else(|| r.id.clone());
+        let key = if r.tenant == "error" {
+            "k-error"
+        } else {
+            "k-default"
+        };
+        let want = format!("s={session};k={key};t={}", r.tenant);
+        assert_eq!(r.arm.as_deref(), Some(want.as_str()), "{r:?}");
+        assert_eq!(r.success, r.tenant != "error", "{r:?}");
+    }
+    // Per arm: one summary per distinct arm, over that arm's records only.
+    let arms = summarize_by_arm(&out.records, out.duration_s, &Slo::default());
+    assert_eq!(arms.len(), 2 + 3 + 2);
+    assert_eq!(arms["s=conv-0;k=k-default;t=t"].completed, 3);
+    assert_eq!(arms["s=err-r0;k=k-error;t=error"].failed, 1);
+    assert!(arms["s=solo-r1;k=k-default;t=t"].ttft.mean_ms > 0.0);
 }
