@@ -8,13 +8,17 @@
 
 #[path = "proxy_common/mod.rs"]
 mod common;
+#[path = "tenants_common/mod.rs"]
+mod tenants;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{MODEL, Proxy, sims, write_config};
+use common::{MODEL, Proxy, Sim, sims, write_config};
 use serde_json::Value;
+use sluice_bench::loadgen::RequestRecord;
+use tenants::sha256_hex;
 
 /// 40 requests: multi-turn streamed chat (5 turns per conversation, so a
 /// conversation's prefix group recurs) and single non-streamed requests
@@ -53,8 +57,13 @@ fn proxy_ok_requests(metrics: &str, arm: &str) -> f64 {
 }
 
 fn run(args: &[&str]) -> String {
+    run_with_env(args, &[])
+}
+
+fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -70,47 +79,13 @@ fn run(args: &[&str]) -> String {
 fn bench_reports_a_live_split_per_arm_and_agrees_with_the_proxy() {
     let sims = sims(2, &[]);
     let dir = tempfile::tempdir().unwrap();
-    let eps: Vec<String> = sims.iter().map(|s| format!("\"{}\"", s.addr)).collect();
     let cfg = write_config(
         dir.path(),
         "split.toml",
-        &format!(
-            r#"[[pools]]
-name = "chat"
-model = "{MODEL}"
-endpoints = [{}]
-
-[pools.experiment]
-split_by = "header"
-header = "x-session-id"
-
-[[pools.experiment.arms]]
-name = "{}"
-weight = 1
-routing = {{ policy = "round_robin" }}
-
-[[pools.experiment.arms]]
-name = "{}"
-weight = 1
-routing = {{ policy = "least_requests" }}
-"#,
-            eps.join(", "),
-            ARMS[0],
-            ARMS[1]
-        ),
+        &split_config(&sims, "split_by = \"header\"\nheader = \"x-session-id\""),
     );
     let proxy = Proxy::start(&["--config", cfg.to_str().unwrap()]);
-
-    let spec = write_config(dir.path(), "spec.toml", SPEC);
-    let workload = dir.path().join("workload.jsonl");
-    run(&[
-        "workload",
-        "generate",
-        "--spec",
-        spec.to_str().unwrap(),
-        "--out",
-        workload.to_str().unwrap(),
-    ]);
+    let workload = generate(dir.path(), SPEC);
     let out = dir.path().join("out");
     let target = format!("http://{}", proxy.api.addr);
     let stdout = run(&[
@@ -203,5 +178,119 @@ routing = {{ policy = "least_requests" }}
             "proxy counts {seen:?}, bench {completed:?}\n{m}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A one-pool config over `sims` splitting 1:1 between [`ARMS`] as `split` says.
+fn split_config(sims: &[Sim], split: &str) -> String {
+    let eps: Vec<String> = sims.iter().map(|s| format!("\"{}\"", s.addr)).collect();
+    let mut text = format!(
+        "[[pools]]\nname = \"chat\"\nmodel = \"{MODEL}\"\nendpoints = [{}]\n\n[pools.experiment]\n{split}\n",
+        eps.join(", ")
+    );
+    for (arm, policy) in ARMS.iter().zip(["round_robin", "least_requests"]) {
+        text.push_str(&format!(
+            "\n[[pools.experiment.arms]]\nname = \"{arm}\"\nweight = 1\nrouting = {{ policy = \"{policy}\" }}\n"
+        ));
+    }
+    text
+}
+
+/// `sluice workload generate` from `spec` into `dir`.
+fn generate(dir: &std::path::Path, spec: &str) -> std::path::PathBuf {
+    let spec = write_config(dir, "spec.toml", spec);
+    let workload = dir.join("workload.jsonl");
+    run(&[
+        "workload",
+        "generate",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--out",
+        workload.to_str().unwrap(),
+    ]);
+    workload
+}
+
+/// Split by tenant: each workload tenant authenticates with its own key
+/// (`SLUICE_BENCH_TENANT_KEYS`), so one tenant stays on one arm; a tenant the
+/// proxy refuses (per-request cap) still gets its arm recorded on the errors.
+#[test]
+fn bench_sends_tenant_keys_for_a_tenant_split_and_records_arms_on_refusals() {
+    let sims = sims(1, &[]);
+    let tenants = ["team0", "team1", "team2", "team3", "team4", "team5"];
+    let mut text = split_config(&sims, "split_by = \"tenant\"\nsalt = \"bench\"");
+    for t in tenants {
+        text.push_str(&format!(
+            "\n[[tenants]]\nname = \"{t}\"\napi_key_sha256 = [\"{}\"]\n",
+            sha256_hex(&format!("sk-{t}"))
+        ));
+    }
+    text.push_str(&format!(
+        "\n[[tenants]]\nname = \"capped\"\napi_key_sha256 = [\"{}\"]\n[tenants.limits]\nmax_output_tokens = 1\n",
+        sha256_hex("sk-capped")
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "tenants.toml", &text);
+    let proxy = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+
+    let mut spec = String::from(
+        "seed = 5\nrequests = 40\narrival = { kind = \"poisson\", rate = 80 }\ntenants = [",
+    );
+    for t in tenants.iter().chain(&["capped"]) {
+        spec.push_str(&format!("{{ name = \"{t}\" }}, "));
+    }
+    spec.push_str(
+        "]\n[[classes]]\nname = \"c\"\nprompt = { kind = \"uniform\", min = 10, max = 30 }\noutput = { kind = \"uniform\", min = 4, max = 8 }\n",
+    );
+    let workload = generate(dir.path(), &spec);
+    let keys: Vec<String> = tenants
+        .iter()
+        .chain(&["capped"])
+        .map(|t| format!("{t}=sk-{t}"))
+        .collect();
+    let out = dir.path().join("out");
+    let target = format!("http://{}", proxy.api.addr);
+    run_with_env(
+        &[
+            "bench",
+            "--target",
+            &target,
+            "--workload",
+            workload.to_str().unwrap(),
+            "--model",
+            MODEL,
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("SLUICE_BENCH_TENANT_KEYS", &keys.join(","))],
+    );
+
+    let records = sluice_bench::loadgen::output::read_records(&out).unwrap();
+    assert_eq!(records.len(), 40);
+    let mut tenant_arm: HashMap<&str, &str> = HashMap::new();
+    for r in &records {
+        let arm = r.arm.as_deref().unwrap_or_else(|| panic!("no arm: {r:?}"));
+        let first = *tenant_arm.entry(&r.tenant).or_insert(arm);
+        assert_eq!(first, arm, "tenant {} split across arms", r.tenant);
+        // Only the capped tenant is refused: every other key was accepted.
+        assert_eq!(r.success, r.tenant != "capped", "{r:?}");
+        if r.tenant == "capped" {
+            assert_eq!(r.status, 400, "{r:?}");
+        }
+    }
+    assert!(records.iter().any(|r| r.tenant == "capped"));
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let arms = summary["arms"].as_object().unwrap();
+    assert_eq!(arms.len(), 2, "{tenant_arm:?}");
+    for arm in ARMS {
+        let of_arm: Vec<&RequestRecord> = records
+            .iter()
+            .filter(|r| r.arm.as_deref() == Some(arm))
+            .collect();
+        let ok = of_arm.iter().filter(|r| r.success).count() as f64;
+        assert_eq!(arms[arm]["completed"].as_f64(), Some(ok));
+        assert_eq!(arms[arm]["failed"].as_f64(), Some(of_arm.len() as f64 - ok));
     }
 }
