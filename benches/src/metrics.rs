@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::loadgen::record::RequestRecord;
-use crate::stats::{mean, percentile_sorted, sorted, std_dev};
+use crate::stats::{mean, percentiles_select, std_dev};
 
 /// Service-level objectives for goodput, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -75,16 +75,23 @@ pub struct LatencyStats {
 impl LatencyStats {
     /// Statistics of `seconds` (zeros when empty, as vLLM reports).
     pub fn of_seconds(seconds: &[f64]) -> Self {
-        let ms: Vec<f64> = seconds.iter().map(|s| s * 1000.0).collect();
-        let s = sorted(&ms);
-        let p = |q| percentile_sorted(&s, q).unwrap_or(0.0);
+        Self::of_ms(seconds.iter().map(|s| s * 1000.0).collect())
+    }
+
+    /// Statistics of `ms`, already in milliseconds (zeros when empty). Takes
+    /// the buffer because the percentiles are found by selection in place.
+    pub fn of_ms(mut ms: Vec<f64>) -> Self {
+        let mean_ms = mean(&ms).unwrap_or(0.0);
+        let std_ms = std_dev(&ms).unwrap_or(0.0);
+        let [median_ms, p90_ms, p95_ms, p99_ms] =
+            percentiles_select(&mut ms, [50.0, 90.0, 95.0, 99.0]).unwrap_or([0.0; 4]);
         LatencyStats {
-            mean_ms: mean(&ms).unwrap_or(0.0),
-            median_ms: p(50.0),
-            std_ms: std_dev(&ms).unwrap_or(0.0),
-            p90_ms: p(90.0),
-            p95_ms: p(95.0),
-            p99_ms: p(99.0),
+            mean_ms,
+            median_ms,
+            std_ms,
+            p90_ms,
+            p95_ms,
+            p99_ms,
         }
     }
 }
@@ -127,7 +134,19 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64, slo: &Slo) -> Summa
     let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.success).collect();
     let ttfts: Vec<f64> = ok.iter().filter_map(|r| r.ttft_s).collect();
     let tpots: Vec<f64> = ok.iter().filter_map(|r| r.tpot_s()).collect();
-    let itls: Vec<f64> = ok.iter().flat_map(|r| r.itls()).collect();
+    // Straight into milliseconds, one buffer: a long run has a gap per output token.
+    let mut itls_ms = Vec::with_capacity(ok.iter().map(|r| r.chunk_times_s.len()).sum());
+    for r in &ok {
+        let Some(mut prev) = r.ttft_s else {
+            continue;
+        };
+        // The same arithmetic as `RequestRecord::itls`, then seconds to ms.
+        itls_ms.extend(r.chunk_times_s.iter().map(|&t| {
+            let gap = t - prev;
+            prev = t;
+            gap * 1000.0
+        }));
+    }
     let e2els: Vec<f64> = ok.iter().map(|r| r.latency_s).collect();
     let input: u64 = ok.iter().map(|r| u64::from(r.prompt_tokens)).sum();
     let output: u64 = ok.iter().map(|r| u64::from(r.output_tokens)).sum();
@@ -177,7 +196,7 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64, slo: &Slo) -> Summa
         cached_token_fraction: cached_fraction,
         ttft: LatencyStats::of_seconds(&ttfts),
         tpot: LatencyStats::of_seconds(&tpots),
-        itl: LatencyStats::of_seconds(&itls),
+        itl: LatencyStats::of_ms(itls_ms),
         e2el: LatencyStats::of_seconds(&e2els),
     }
 }
@@ -295,6 +314,53 @@ mod tests {
             flat.iter()
                 .any(|(k, v)| k == "p99_ttft_ms" && close(*v, 298.0))
         );
+    }
+
+    /// The summary as it was computed before selection: every gap collected
+    /// per record, converted, fully sorted.
+    fn sorted_stats(seconds: &[f64]) -> LatencyStats {
+        use crate::stats::{percentile_sorted, sorted};
+        let ms: Vec<f64> = seconds.iter().map(|s| s * 1000.0).collect();
+        let s = sorted(&ms);
+        let p = |q| percentile_sorted(&s, q).unwrap_or(0.0);
+        LatencyStats {
+            mean_ms: mean(&ms).unwrap_or(0.0),
+            median_ms: p(50.0),
+            std_ms: std_dev(&ms).unwrap_or(0.0),
+            p90_ms: p(90.0),
+            p95_ms: p(95.0),
+            p99_ms: p(99.0),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn summary_latencies_equal_the_sort_based_ones(
+            reqs in proptest::collection::vec(
+                (0.001f64..2.0, proptest::collection::vec(0.0f64..0.2, 0..40), proptest::bool::weighted(0.9)),
+                0..60,
+            )
+        ) {
+            let records: Vec<RequestRecord> = reqs
+                .iter()
+                .map(|(ttft, gaps, ok)| {
+                    let mut t = *ttft;
+                    let chunks: Vec<f64> = gaps.iter().map(|g| { t += g; t }).collect();
+                    rec(*ttft, &chunks, t + 0.01, chunks.len() as u32 + 1, *ok)
+                })
+                .collect();
+            let s = summarize(&records, 10.0, &Slo::default());
+            let ok: Vec<&RequestRecord> = records.iter().filter(|r| r.success).collect();
+            let itls: Vec<f64> = ok.iter().flat_map(|r| r.itls()).collect();
+            let ttfts: Vec<f64> = ok.iter().filter_map(|r| r.ttft_s).collect();
+            let e2els: Vec<f64> = ok.iter().map(|r| r.latency_s).collect();
+            let bits = |l: &LatencyStats| {
+                [l.mean_ms, l.median_ms, l.std_ms, l.p90_ms, l.p95_ms, l.p99_ms].map(f64::to_bits)
+            };
+            proptest::prop_assert_eq!(bits(&s.itl), bits(&sorted_stats(&itls)));
+            proptest::prop_assert_eq!(bits(&s.ttft), bits(&sorted_stats(&ttfts)));
+            proptest::prop_assert_eq!(bits(&s.e2el), bits(&sorted_stats(&e2els)));
+        }
     }
 
     #[test]
