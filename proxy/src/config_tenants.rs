@@ -217,7 +217,7 @@ pub fn explain(
             match quota.backend {
                 QuotaBackend::Local => "in this process (per proxy replica)".to_string(),
                 QuotaBackend::Redis => format!(
-                    "in Redis (fleet-wide; fail {} when unreachable)",
+                    "in Redis (rates and tokens fleet-wide, concurrency per proxy; fail {} when unreachable)",
                     quota.on_backend_error.as_str()
                 ),
             }
@@ -249,7 +249,7 @@ pub fn explain(
     for (pool, a) in admission {
         match a {
             Some(a) if a.enabled => {
-                let _ = writeln!(
+                let _ = write!(
                     o,
                     "admission `{pool}`: KV usage <= {}, engine waiting <= {} per replica, queue `{}` (<= {} requests, <= {} ms)",
                     a.max_kv_usage,
@@ -258,6 +258,24 @@ pub fn explain(
                     a.max_queue_len,
                     a.max_queue_wait_ms
                 );
+                if let Some(b) = a.endpoint_kv_blocks {
+                    let _ = write!(o, ", {b} KV blocks per replica until scraped");
+                }
+                if a.shed_on_ttft_slo {
+                    let _ = write!(
+                        o,
+                        ", sheds what cannot start within its TTFT SLO less {} ms",
+                        a.engine_ttft_ms
+                    );
+                }
+                if let Some(n) = a.max_prefilling {
+                    let _ = write!(
+                        o,
+                        ", <= {n} admitted per replica per {} ms",
+                        a.engine_ttft_ms
+                    );
+                }
+                let _ = writeln!(o);
             }
             _ => {
                 let _ = writeln!(o, "admission `{pool}`: off");
