@@ -191,12 +191,14 @@ impl KvGate {
         now_ms: u64,
     ) -> Result<(), Saturation> {
         self.forget_before(now_ms.saturating_sub(RECENT_HORIZON_MS));
+        // Endpoints as told, or as many as report gauges (a caller that never tells).
+        let endpoints = snapshot.map_or(self.endpoints, |s| s.endpoints.max(self.endpoints));
         if let Some((per_endpoint, window_ms)) = self.prefill_limit {
             let since = now_ms.saturating_sub(window_ms);
             while self.starts.front().is_some_and(|&at| at <= since) {
                 self.starts.pop_front();
             }
-            let max = u64::from(per_endpoint) * u64::from(self.endpoints);
+            let max = u64::from(per_endpoint) * u64::from(endpoints);
             if self.starts.len() as u64 >= max {
                 return Err(Saturation::Prefill);
             }
@@ -215,7 +217,7 @@ impl KvGate {
         }
         let configured = self
             .endpoint_kv_blocks
-            .map(|b| b.saturating_mul(u64::from(self.endpoints)));
+            .map(|b| b.saturating_mul(u64::from(endpoints)));
         let Some(total) = self.last_total_blocks.or(configured) else {
             return Ok(());
         };
@@ -372,5 +374,13 @@ mod tests {
         }
         assert_eq!(g.check(1, None, 110), Err(Saturation::Prefill));
         assert_eq!(g.check(1, None, 125), Ok(()));
+        // A caller that never says how many endpoints: those reporting gauges count.
+        let mut g = KvGate::new(0.9, 4.0, None).with_prefill_limit(1, 25);
+        let s = snap(0.0, 0.0, 100);
+        for _ in 0..2 {
+            g.check(1, Some(&s), 100).unwrap();
+            let _ = g.reserve(1, 100);
+        }
+        assert_eq!(g.check(1, Some(&s), 110), Err(Saturation::Prefill));
     }
 }
