@@ -17,7 +17,45 @@ const MAX_PIECE_CHARS: usize = 4;
 pub const ESTIMATE_VOCAB: u32 = 1 << 17;
 
 /// Calls `f` with each word piece of `text`, in order.
-fn for_each_piece(text: &str, mut f: impl FnMut(&str)) {
+fn for_each_piece(text: &str, f: impl FnMut(&str)) {
+    if text.is_ascii() {
+        for_each_ascii_piece(text, f);
+    } else {
+        for_each_char_piece(text, f);
+    }
+}
+
+/// [`for_each_piece`] on ASCII text: the same pieces, found on bytes
+/// (most prompts are ASCII, and the proxy splits every prompt it routes).
+fn for_each_ascii_piece(text: &str, mut f: impl FnMut(&str)) {
+    let b = text.as_bytes();
+    let word = |i: usize| b.get(i).is_some_and(u8::is_ascii_alphanumeric);
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        let c = b[i];
+        if c == b' ' || c.is_ascii_alphanumeric() {
+            if c == b' ' {
+                i += 1;
+                if !word(i) {
+                    f(&text[start..i]);
+                    continue;
+                }
+            }
+            let mut count = 0;
+            while count < MAX_PIECE_CHARS && word(i) {
+                i += 1;
+                count += 1;
+            }
+        } else {
+            i += 1;
+        }
+        f(&text[start..i]);
+    }
+}
+
+/// [`for_each_piece`] on any text, char by char.
+fn for_each_char_piece(text: &str, mut f: impl FnMut(&str)) {
     let mut start = 0;
     let mut chars = text.char_indices().peekable();
     while let Some(&(i, c)) = chars.peek() {
@@ -149,6 +187,14 @@ mod tests {
             let y = estimate_token_ids(&format!("{p}{c}"));
             let n = estimate_token_ids(&p).len();
             prop_assert_eq!(&x[..n], &y[..n]);
+        }
+
+        #[test]
+        fn ascii_fast_path_splits_like_the_char_path(s in "[ -~\n\t]{0,300}") {
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            for_each_ascii_piece(&s, |p| fast.push(p.to_string()));
+            for_each_char_piece(&s, |p| slow.push(p.to_string()));
+            prop_assert_eq!(fast, slow);
         }
 
         #[test]

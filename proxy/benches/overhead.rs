@@ -176,7 +176,16 @@ fn sluice_bin() -> PathBuf {
 }
 
 fn start_sluice(upstream: SocketAddr, dir: &std::path::Path) -> (Proc, SocketAddr) {
-    let cfg = dir.join("bench.toml");
+    start_sluice_bin(sluice_bin(), upstream, dir, "bench")
+}
+
+fn start_sluice_bin(
+    bin: PathBuf,
+    upstream: SocketAddr,
+    dir: &std::path::Path,
+    name: &str,
+) -> (Proc, SocketAddr) {
+    let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(
         &cfg,
         format!(
@@ -184,7 +193,6 @@ fn start_sluice(upstream: SocketAddr, dir: &std::path::Path) -> (Proc, SocketAdd
         ),
     )
     .unwrap();
-    let bin = sluice_bin();
     assert!(
         bin.exists(),
         "{} missing: cargo build --release --bin sluice",
@@ -430,6 +438,13 @@ fn main() {
         pids.push(Some(proc_.0.id()));
     } else {
         println!("nginx not found: throughput comparison skipped (apt-get install nginx)");
+    }
+    // `SLUICE_BASELINE_BIN=path`: an older build as one more target, for before/after in one run.
+    let baseline = std::env::var_os("SLUICE_BASELINE_BIN")
+        .map(|b| start_sluice_bin(PathBuf::from(b), up, dir.path(), "baseline"));
+    if let Some((proc_, a)) = &baseline {
+        targets.push(("baseline", *a));
+        pids.push(Some(proc_.0.id()));
     }
     // `SLUICE_BENCH_TARGETS=sluice` restricts the run (for profiling one of them).
     if let Ok(keep) = std::env::var("SLUICE_BENCH_TARGETS") {

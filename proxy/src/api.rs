@@ -298,8 +298,8 @@ impl Api {
         };
         let eligible: Vec<&str> = serving.map(|p| p.name()).collect();
 
-        // Owned copy: `forward` reads it while the session is written to.
-        let client_head = session.req_header().clone();
+        // Borrowed until the upstream headers are encoded, before the first await.
+        let client_head = session.req_header();
         let class = {
             // Scoped: the shape's header lookup is not `Sync` and must not live across an await.
             let lookup = |name: &str| client_head.headers.get(name).and_then(|v| v.to_str().ok());
@@ -328,6 +328,12 @@ impl Api {
             rec.arm = Some(name.to_string());
         }
         let arm_label = rec.arm.clone().unwrap_or_default();
+        let path_and_query = client_head
+            .uri
+            .path_and_query()
+            .map_or(api.path(), |pq| pq.as_str())
+            .to_string();
+        let upstream_headers = crate::forward::encode_request_headers(client_head);
 
         let _guard = RequestGuard::new(
             self.shared
@@ -397,11 +403,6 @@ impl Api {
             None => raw,
         };
         let hide_usage_chunk = inject_usage && !facts.client_wants_usage;
-        let path_and_query = client_head
-            .uri
-            .path_and_query()
-            .map_or(api.path(), |pq| pq.as_str())
-            .to_string();
         let now_ms = self.shared.clock.mono_ms(Instant::now());
         let forward = Forward {
             upstream: &self.shared.upstream,
@@ -412,7 +413,7 @@ impl Api {
             arm_label: &arm_label,
             limits,
             path: &path_and_query,
-            client_head: &client_head,
+            headers: &upstream_headers,
             body,
             stream: facts.stream,
             hide_usage_chunk,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::http::v1::client::{HttpSession, http_req_header_to_wire};
+use pingora::protocols::http::v1::client::HttpSession;
 use sluice_policies::routing::RouteRequest;
 use tokio::io::AsyncWriteExt;
 
@@ -84,8 +84,8 @@ pub struct Forward<'a> {
     pub limits: &'a Limits,
     /// Upstream path and query.
     pub path: &'a str,
-    /// The client's request head (headers are copied from it).
-    pub client_head: &'a RequestHeader,
+    /// The client's end-to-end headers, wire-encoded ([`encode_request_headers`]).
+    pub headers: &'a [u8],
     /// The body to send (possibly with `include_usage` added).
     pub body: Bytes,
     /// The client asked for a stream.
@@ -254,28 +254,42 @@ impl Forward<'_> {
         }
     }
 
-    fn upstream_head(&self, endpoint: &Endpoint) -> Result<RequestHeader, ProxyError> {
-        let internal =
-            |_| ProxyError::UpstreamFailed("could not build the upstream request".into());
-        let mut req = RequestHeader::build(
-            "POST",
+    /// The request as it goes upstream: head, and the body too when it is
+    /// small enough for one write. Written straight to bytes: the client's
+    /// headers were validated when Pingora parsed them, and building a
+    /// `RequestHeader` only to serialize it again cost more than the rest of
+    /// the forward together.
+    fn upstream_request(&self, endpoint: &Endpoint) -> (Vec<u8>, bool) {
+        let body = &self.body;
+        let mut len = [0u8; 20];
+        let len = format_usize(body.len(), &mut len);
+        let head_len =
+            64 + self.path.len() + self.headers.len() + endpoint.key.len() + self.request_id.len();
+        let with_body = head_len + body.len() <= COALESCE_BYTES;
+        let mut out = Vec::with_capacity(if with_body {
+            head_len + body.len()
+        } else {
+            head_len
+        });
+        for part in [
+            b"POST ".as_slice(),
             self.path.as_bytes(),
-            Some(self.client_head.headers.len() + 3),
-        )
-        .map_err(internal)?;
-        for (name, value) in self.client_head.headers.iter() {
-            if !SKIP_REQUEST_HEADERS.contains(&name.as_str()) {
-                req.append_header(name.clone(), value.clone())
-                    .map_err(internal)?;
-            }
+            b" HTTP/1.1\r\n",
+            self.headers,
+            b"host: ",
+            endpoint.key.as_bytes(),
+            b"\r\ncontent-length: ",
+            len,
+            b"\r\nx-request-id: ",
+            self.request_id.as_bytes(),
+            b"\r\n\r\n",
+        ] {
+            out.extend_from_slice(part);
         }
-        req.insert_header("host", endpoint.key.as_str())
-            .map_err(internal)?;
-        req.insert_header("content-length", self.body.len().to_string())
-            .map_err(internal)?;
-        req.insert_header("x-request-id", self.request_id)
-            .map_err(internal)?;
-        Ok(req)
+        if with_body {
+            out.extend_from_slice(body);
+        }
+        (out, with_body)
     }
 
     /// One try against `endpoint`.
@@ -289,16 +303,7 @@ impl Forward<'_> {
     ) -> Attempt {
         let t = self.pool.cfg.timeouts;
         let connect_timeout = Duration::from_millis(t.connect_ms);
-        let head = match self.upstream_head(endpoint) {
-            Ok(h) => h,
-            Err(e) => return Attempt::Final(e, None),
-        };
-        let Some(wire) = http_req_header_to_wire(&head) else {
-            return Attempt::Final(
-                ProxyError::bad_request("The request cannot be forwarded (invalid header bytes)"),
-                None,
-            );
-        };
+        let (wire, body_included) = self.upstream_request(endpoint);
         let mut fresh_only = false;
         let (mut up, sent_at) = loop {
             let pooled = if fresh_only {
@@ -335,13 +340,8 @@ impl Forward<'_> {
             let body = &self.body;
             let wire = &wire;
             let send = async {
-                if wire.len() + body.len() <= COALESCE_BYTES {
-                    let mut buf = BytesMut::with_capacity(wire.len() + body.len());
-                    buf.extend_from_slice(wire);
-                    buf.extend_from_slice(body);
-                    stream.write_all(&buf).await?;
-                } else {
-                    stream.write_all(wire).await?;
+                stream.write_all(wire).await?;
+                if !body_included {
                     stream.write_all(body).await?;
                 }
                 stream.flush().await
@@ -473,7 +473,10 @@ impl Forward<'_> {
         let internal =
             |_| ProxyError::UpstreamFailed("the replica sent an invalid response head".into());
         let mut resp =
-            ResponseHeader::build(up.status, Some(up.headers.len() + 2)).map_err(internal)?;
+            // No case map: header names go out lowercase (HTTP/1.1 names are
+            // case-insensitive), and every header is stored once, not twice.
+            ResponseHeader::build_no_case(up.status, Some(up.headers.len() + 2))
+                .map_err(internal)?;
         for (name, value) in up.headers.iter() {
             let n = name.as_str();
             if SKIP_RESPONSE_HEADERS.contains(&n)
@@ -530,8 +533,13 @@ impl Forward<'_> {
         let mut usage: Option<Usage> = None;
         let mut last_token: Option<Instant> = None;
         let mut first_token: Option<Instant> = None;
-        let ttft = self.metrics.ttft.with_label_values(&[pool, self.arm_label]);
-        let itl = self.metrics.itl.with_label_values(&[pool, self.arm_label]);
+        // Looked up once per stream, and not at all for plain bodies.
+        let token_hists = is_sse.then(|| {
+            (
+                self.metrics.ttft.with_label_values(&[pool, self.arm_label]),
+                self.metrics.itl.with_label_values(&[pool, self.arm_label]),
+            )
+        });
         loop {
             let (deadline, what) = if is_sse && first_token.is_none() {
                 (first_token_deadline, "first_token_timeout")
@@ -593,10 +601,16 @@ impl Forward<'_> {
                         None => {
                             first_token = Some(now);
                             rec.first_token_ms = Some(self.clock.unix_ms(now));
-                            ttft.observe(now.saturating_duration_since(self.arrival).as_secs_f64());
+                            if let Some((ttft, _)) = &token_hists {
+                                ttft.observe(
+                                    now.saturating_duration_since(self.arrival).as_secs_f64(),
+                                );
+                            }
                         }
                         Some(prev) => {
-                            itl.observe(now.saturating_duration_since(prev).as_secs_f64())
+                            if let Some((_, itl)) = &token_hists {
+                                itl.observe(now.saturating_duration_since(prev).as_secs_f64());
+                            }
                         }
                     }
                     last_token = Some(now);
@@ -612,9 +626,9 @@ impl Forward<'_> {
         }
         send(session, &mut pending, Bytes::new(), true).await?;
         if !is_sse && !scan_overflow {
-            let info = sse::inspect_json(&scan);
-            usage = info.usage;
-            rec.finish_reason = info.finish_reason;
+            let (u, finish_reason) = sse::inspect_response(&scan);
+            usage = u;
+            rec.finish_reason = finish_reason;
         }
         if let Some(last) = last_token {
             rec.last_token_ms = Some(self.clock.unix_ms(last));
@@ -678,6 +692,35 @@ pub async fn client_gone(session: &mut ServerSession) {
             Err(_) => return,
             // Idle reads return data only for a pipelined request; keep waiting.
             Ok(_) => tokio::task::yield_now().await,
+        }
+    }
+}
+
+/// The client's end-to-end request headers as `name: value\r\n` lines, for
+/// the upstream request: hop-by-hop headers and the ones the proxy sets
+/// itself are left out.
+pub fn encode_request_headers(head: &RequestHeader) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    for (name, value) in head.headers.iter() {
+        if !SKIP_REQUEST_HEADERS.contains(&name.as_str()) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out
+}
+
+/// `n` in decimal, without allocating.
+fn format_usize(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
         }
     }
 }

@@ -110,12 +110,27 @@ struct Chunk {
     error: Option<IgnoredAny>,
 }
 
+/// A whole non-streaming response, read only for what the proxy records.
+#[derive(Deserialize)]
+struct Response {
+    #[serde(default)]
+    choices: Option<Vec<Finish>>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Finish {
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct Choice {
     #[serde(default)]
     delta: Option<Delta>,
     #[serde(default)]
-    text: Option<String>,
+    text: Option<NonEmpty>,
     #[serde(default)]
     message: Option<Delta>,
     #[serde(default)]
@@ -125,21 +140,39 @@ struct Choice {
 #[derive(Deserialize)]
 struct Delta {
     #[serde(default)]
-    content: Option<String>,
+    content: Option<NonEmpty>,
     #[serde(default)]
-    reasoning_content: Option<String>,
+    reasoning_content: Option<NonEmpty>,
     #[serde(default)]
     tool_calls: Option<IgnoredAny>,
 }
 
 impl Delta {
     fn has_output(&self) -> bool {
-        self.content.as_deref().is_some_and(|s| !s.is_empty())
-            || self
-                .reasoning_content
-                .as_deref()
-                .is_some_and(|s| !s.is_empty())
+        self.content.is_some_and(|s| s.0)
+            || self.reasoning_content.is_some_and(|s| s.0)
             || self.tool_calls.is_some()
+    }
+}
+
+/// A string read only for whether it is non-empty: output text is never
+/// copied out of the body (it is most of a response's bytes).
+#[derive(Clone, Copy)]
+struct NonEmpty(bool);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = NonEmpty;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NonEmpty, E> {
+                Ok(NonEmpty(!v.is_empty()))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -186,6 +219,56 @@ pub fn inspect_event(event: &[u8]) -> EventInfo {
     inspect_json(&data)
 }
 
+/// Reads a whole non-streaming chat/completions response: its `usage` and
+/// first `finish_reason`.
+///
+/// Only the two values are decoded, found by their keys: in valid JSON the
+/// bytes `"key"` followed by `:` can only be an object key (a quote inside a
+/// string is escaped), and OpenAI responses have one `usage`, at the top
+/// level, after the choices. Anything else falls back to a full parse; the
+/// message text, most of the body, is never decoded.
+pub fn inspect_response(json: &[u8]) -> (Option<Usage>, Option<String>) {
+    let usage = value_after_key::<Usage>(json, b"\"usage\"", true);
+    // The first non-null one (a null fails to decode as a string).
+    let finish = value_after_key::<String>(json, b"\"finish_reason\"", false);
+    if let (Some(u), Some(f)) = (usage, finish) {
+        return (Some(u), Some(f));
+    }
+    let Ok(r) = serde_json::from_slice::<Response>(json) else {
+        return (None, None);
+    };
+    let finish = r
+        .choices
+        .and_then(|c| c.into_iter().find_map(|c| c.finish_reason));
+    (r.usage, finish)
+}
+
+/// The value of the first (or `last`) `key` (with its quotes) in `json`
+/// that is followed by a colon, if it decodes as `T`.
+fn value_after_key<T: serde::de::DeserializeOwned>(
+    json: &[u8],
+    key: &[u8],
+    last: bool,
+) -> Option<T> {
+    let decode = |i: usize| -> Option<T> {
+        let rest = json[i + key.len()..]
+            .trim_ascii_start()
+            .strip_prefix(b":")?;
+        T::deserialize(&mut serde_json::Deserializer::from_slice(rest)).ok()
+    };
+    // The quote first: a whole-slice compare at every byte costs a call each.
+    let is_key = |w: &[u8]| w[0] == b'"' && w == key;
+    let mut at = json.windows(key.len());
+    if last {
+        // From the end: `usage` comes last, after the (long) message.
+        decode(at.rposition(is_key)?)
+    } else {
+        at.enumerate()
+            .filter(|(_, w)| is_key(w))
+            .find_map(|(i, _)| decode(i))
+    }
+}
+
 /// Reads a chat/completions JSON object (a stream chunk or a whole response).
 pub fn inspect_json(json: &[u8]) -> EventInfo {
     let Ok(chunk) = serde_json::from_slice::<Chunk>(json) else {
@@ -201,7 +284,7 @@ pub fn inspect_json(json: &[u8]) -> EventInfo {
         for c in choices {
             let delta_out = c.delta.as_ref().is_some_and(Delta::has_output)
                 || c.message.as_ref().is_some_and(Delta::has_output);
-            if delta_out || c.text.as_deref().is_some_and(|t| !t.is_empty()) {
+            if delta_out || c.text.is_some_and(|t| t.0) {
                 info.has_token = true;
             }
             if info.finish_reason.is_none() {
@@ -267,5 +350,28 @@ data: [DONE]\n\n";
             let joined: Vec<u8> = out.iter().flat_map(|b| b.iter().copied()).collect();
             prop_assert_eq!(joined, bytes.to_vec());
         }
+    }
+
+    #[test]
+    fn whole_responses_give_usage_and_finish_reason() {
+        let body = br#"{"id":"x","choices":[{"index":0,"message":{"role":"assistant","content":"a \"quoted\" answer"},"finish_reason":"length"}],"usage":{"prompt_tokens":7,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":4}}}"#;
+        let (usage, finish) = inspect_response(body);
+        let usage = usage.unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (7, 3));
+        assert_eq!(usage.cached_tokens(), Some(4));
+        assert_eq!(finish.as_deref(), Some("length"));
+        assert_eq!(inspect_response(b"not json"), (None, None));
+        // A key's name inside the message text is not the key.
+        let tricky = br#"{"choices":[{"message":{"content":"say \"usage\": {} and \"finish_reason\":\"x\""},"finish_reason":"stop"}],"usage":{"prompt_tokens":2,"completion_tokens":9}}"#;
+        let (u, f) = inspect_response(tricky);
+        assert_eq!(u.map(|u| u.completion_tokens), Some(9));
+        assert_eq!(f.as_deref(), Some("stop"));
+        // Without usage: the full parse still finds the finish reason.
+        let (u, f) =
+            inspect_response(br#"{"choices":[{"finish_reason":null},{"finish_reason":"length"}]}"#);
+        assert_eq!((u, f.as_deref()), (None, Some("length")));
+        let info = inspect_json(body);
+        assert!(info.has_token);
+        assert_eq!(info.usage, Some(usage));
     }
 }
