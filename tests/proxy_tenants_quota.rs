@@ -1,8 +1,9 @@
 //! Tenants and quotas through the real binary: `sluice sim` replicas behind
 //! `sluice serve`, API keys, 401/400/429 with OpenAI bodies and
 //! `x-ratelimit-*` headers, token reserve/settle, concurrency slots that come
-//! back on client disconnect, Redis-backed budgets shared by two proxies,
-//! and cache isolation between tenants.
+//! back on client disconnect, Redis-backed budgets and concurrency leases
+//! shared by two proxies (surviving one proxy's SIGKILL), and cache
+//! isolation between tenants.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,7 +12,7 @@ mod common;
 #[path = "tenants_common/mod.rs"]
 mod tenants;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 
 use tenants::*;
@@ -370,6 +371,121 @@ fn two_proxies_share_one_redis_budget() {
         metric(&p1, "sluice_tenant_concurrency_slots{tenant=\"acme\"}"),
         0.0
     );
+}
+
+/// Two streams held open through `p` (a slow replica keeps them going),
+/// their status lines read.
+fn hold_two(p: &Proxy, max_tokens: u32) -> Vec<BufReader<std::net::TcpStream>> {
+    (0..2)
+        .map(|_| {
+            let s = send(
+                &p.api.addr,
+                "/v1/chat/completions",
+                Some("k"),
+                &chat("a long answer please", max_tokens, true),
+            );
+            let mut s = BufReader::new(s);
+            let mut line = String::new();
+            s.read_line(&mut line).unwrap();
+            assert!(line.contains("200"), "{line}");
+            s
+        })
+        .collect()
+}
+
+/// Asserts that `p` refuses tenant `acme` for concurrency, as OpenAI-style 429.
+fn refused_for_concurrency(p: &Proxy) {
+    let r = post(&p.api.addr, Some("k"), &chat("hi", 2, false));
+    let e = error_of(&r, 429);
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("concurrent") && msg.contains("allows 2"),
+        "{e}"
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+}
+
+/// Polls `p` with short requests until one is admitted; panics after `bound`.
+fn admitted_within(p: &Proxy, bound: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let r = post(&p.api.addr, Some("k"), &chat("hi", 2, false));
+        match r.status {
+            200 => return start.elapsed(),
+            429 => {}
+            s => panic!("unexpected {s}: {}", String::from_utf8_lossy(&r.body)),
+        }
+        assert!(
+            start.elapsed() < bound,
+            "still refused after {bound:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_proxies_share_concurrency_slots_through_redis_leases() {
+    let Some(redis) = Redis::start() else { return };
+    // Real time: a 4000-token answer streams for well over the test's steps.
+    let sims = vec![Sim::start(&["--speedup", "1", "--seed", "1"])];
+    let text = config(
+        &sims,
+        "",
+        &format!(
+            "[quota]\nbackend = \"redis\"\nredis_url = \"{}\"\non_backend_error = \"closed\"\nredis_timeout_ms = 200\nconcurrency_lease_ttl_ms = 2000\n{}",
+            redis.url,
+            tenant("acme", "k", "[tenants.limits]\nmax_concurrent = 2")
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (d1, d2) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let a = proxy(&d1, &text);
+    let b = proxy(&d2, &text);
+    let slots = "sluice_tenant_concurrency_slots{tenant=\"acme\"}";
+
+    // A holds both slots: B refuses, though B itself holds none.
+    let held = hold_two(&a, 4000);
+    assert_eq!(metric(&a, slots), 2.0);
+    refused_for_concurrency(&b);
+    assert_eq!(metric(&b, slots), 0.0, "the refusal holds no local slot");
+    assert_eq!(
+        metric(
+            &b,
+            "sluice_tenant_rejected_requests_total{reason=\"concurrency\",tenant=\"acme\"}"
+        ),
+        1.0
+    );
+    // Clients go away mid-stream: the leases go with them.
+    drop(held);
+    wait_metric(&a, slots, |v| v == 0.0);
+    admitted_within(&b, Duration::from_secs(10));
+
+    // Streams that run to their end give their slots back too.
+    let held = hold_two(&a, 40);
+    for mut s in held {
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).unwrap();
+        assert!(rest.contains("[DONE]"), "{rest}");
+    }
+    wait_metric(&a, slots, |v| v == 0.0);
+    admitted_within(&b, Duration::from_secs(10));
+
+    // A dies holding both slots: nothing releases them, so B refuses until
+    // the leases (2 s, no longer renewed) expire — then admits.
+    let _held = hold_two(&a, 4000);
+    refused_for_concurrency(&b);
+    a.signal("KILL");
+    refused_for_concurrency(&b);
+    admitted_within(&b, Duration::from_secs(15));
+    // And B's own slots still come and go normally.
+    let held = hold_two(&b, 4000);
+    refused_for_concurrency(&b);
+    drop(held);
+    admitted_within(&b, Duration::from_secs(10));
 }
 
 #[test]

@@ -148,6 +148,7 @@ fn bench(c: &mut Criterion) {
             on_backend_error: FailPolicy::Closed,
             redis_timeout_ms: 1000,
             key_prefix: format!("bench{}", std::process::id()),
+            ..QuotaConfig::default()
         };
         let redis = rt.block_on(async { Path::new(&cfg) });
         percentiles(

@@ -107,6 +107,11 @@ pub struct QuotaConfig {
     /// Prefix of every Redis key, so several fleets can share one Redis.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// How long a concurrency slot held in Redis outlives the last renewal
+    /// by its proxy: how soon a crashed proxy's slots come back. Live
+    /// requests renew every third of it.
+    #[serde(default = "default_concurrency_lease_ttl_ms")]
+    pub concurrency_lease_ttl_ms: u64,
 }
 
 fn default_redis_timeout_ms() -> u64 {
@@ -114,6 +119,9 @@ fn default_redis_timeout_ms() -> u64 {
 }
 fn default_key_prefix() -> String {
     "sluice".into()
+}
+fn default_concurrency_lease_ttl_ms() -> u64 {
+    30_000
 }
 
 impl Default for QuotaConfig {
@@ -124,6 +132,7 @@ impl Default for QuotaConfig {
             on_backend_error: FailPolicy::Open,
             redis_timeout_ms: default_redis_timeout_ms(),
             key_prefix: default_key_prefix(),
+            concurrency_lease_ttl_ms: default_concurrency_lease_ttl_ms(),
         }
     }
 }
@@ -189,6 +198,16 @@ pub fn validate(
     if quota.key_prefix.is_empty() {
         return Err("`quota.key_prefix` must not be empty".into());
     }
+    let ttl = quota.concurrency_lease_ttl_ms;
+    if !(1000..=3_600_000).contains(&ttl) {
+        return Err("`quota.concurrency_lease_ttl_ms` must be in 1000..=3600000".into());
+    }
+    if ttl < 3 * quota.redis_timeout_ms {
+        return Err(format!(
+            "`quota.concurrency_lease_ttl_ms` = {ttl} must be at least 3 x `quota.redis_timeout_ms` ({}): leases are renewed every third of it",
+            quota.redis_timeout_ms
+        ));
+    }
     Ok(())
 }
 
@@ -217,8 +236,13 @@ pub fn explain(
             match quota.backend {
                 QuotaBackend::Local => "in this process (per proxy replica)".to_string(),
                 QuotaBackend::Redis => format!(
-                    "in Redis (rates and tokens fleet-wide, concurrency per proxy; fail {} when unreachable)",
-                    quota.on_backend_error.as_str()
+                    "in Redis (rates, tokens and concurrency fleet-wide; a stopped proxy's concurrency slots return after {} ms; fail {} when unreachable{})",
+                    quota.concurrency_lease_ttl_ms,
+                    quota.on_backend_error.as_str(),
+                    match quota.on_backend_error {
+                        FailPolicy::Open => ", concurrency then counted per proxy",
+                        FailPolicy::Closed => "",
+                    }
                 ),
             }
         );
@@ -366,6 +390,31 @@ mod tests {
             check("[[tenants]]\nname = \"a\"\n[tenants.limits]\nmax_concurrent = 0").unwrap_err();
         assert!(e.contains("max_concurrent"), "{e}");
         assert!(check("[[tenants]]\nname = \"a\"\nkeys = []").is_err());
+    }
+
+    #[test]
+    fn lease_ttl_is_bounded_and_explained() {
+        let d: Doc = toml::from_str(
+            "[quota]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nconcurrency_lease_ttl_ms = 2000\n[[tenants]]\nname = \"a\"",
+        )
+        .unwrap();
+        validate(&d.tenants, &d.auth, &d.quota, &|_| String::new()).unwrap();
+        assert_eq!(d.quota.concurrency_lease_ttl_ms, 2000);
+        let text = explain(&d.tenants, &d.auth, &d.quota, &[]);
+        assert!(
+            text.contains("concurrency fleet-wide") && text.contains("after 2000 ms"),
+            "{text}"
+        );
+        assert_eq!(QuotaConfig::default().concurrency_lease_ttl_ms, 30_000);
+        let e = check("[quota]\nconcurrency_lease_ttl_ms = 10").unwrap_err();
+        assert!(e.contains("concurrency_lease_ttl_ms"), "{e}");
+        let e =
+            check("[quota]\nredis_timeout_ms = 1000\nconcurrency_lease_ttl_ms = 2000").unwrap_err();
+        assert!(e.contains("3 x `quota.redis_timeout_ms`"), "{e}");
+        assert!(
+            check("[quota]\nlease_ttl_ms = 2000").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]

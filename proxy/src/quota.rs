@@ -6,12 +6,14 @@
 //! and the token budget's reserve/settle arithmetic from `sluice-policies`),
 //! kept in a `DashMap` that survives config reloads so usage is not reset by
 //! a SIGHUP. With `quota.backend = "redis"` the rate and token checks run in
-//! Redis instead (see [`crate::redis_quota`]); concurrency stays local.
+//! Redis instead, and concurrency is also counted there as expiring leases
+//! (see [`crate::redis_quota`]); the local slot count still applies, so a
+//! fail-open outage leaves each proxy enforcing the limit on its own.
 //!
 //! A successful check returns a [`QuotaPermit`]: it holds the concurrency
-//! slot and the token reservation and gives them back when dropped — on
-//! finish, error and client disconnect alike — settling the reservation to
-//! the usage recorded with [`QuotaPermit::record_usage`].
+//! slot (and its Redis lease) and the token reservation and gives them back
+//! when dropped — on finish, error and client disconnect alike — settling the
+//! reservation to the usage recorded with [`QuotaPermit::record_usage`].
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +31,7 @@ use sluice_policies::quota::{
 };
 
 use crate::config_tenants::{FailPolicy, QuotaBackend, QuotaConfig};
-use crate::redis_quota::{RedisLimits, RedisQuota, RedisVerdict};
+use crate::redis_quota::{Lease, RedisLimits, RedisQuota, RedisVerdict};
 use crate::tenant::Tenant;
 use crate::usage::UsageMetrics;
 
@@ -129,6 +131,7 @@ impl Quotas {
                     url,
                     Duration::from_millis(cfg.redis_timeout_ms),
                     &cfg.key_prefix,
+                    Duration::from_millis(cfg.concurrency_lease_ttl_ms),
                 )
                 .map_err(|e| e.0)?,
             )),
@@ -151,13 +154,14 @@ impl Quotas {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether this backend keeps rate and token budgets in Redis.
+    /// Whether this backend keeps rate, token and concurrency budgets in Redis.
     pub fn uses_redis(&self) -> bool {
         self.redis.is_some()
     }
 
     /// The local limits: everything when local; caps and concurrency only
-    /// with Redis (which holds rate and tokens).
+    /// with Redis (which holds rate and tokens, and concurrency fleet-wide:
+    /// the local count is the floor that still holds when Redis is down).
     fn local_limits(&self, l: &TenantLimits) -> TenantLimits {
         if self.redis.is_some() {
             TenantLimits {
@@ -237,6 +241,7 @@ impl Quotas {
             prompt_tokens,
             used: None,
             redis: None,
+            lease: None,
             headers: Vec::new(),
             reserved_gauge: reserved_local,
             epoch: self.epoch,
@@ -248,11 +253,12 @@ impl Quotas {
                 rps: tenant.limits.requests_per_second.unwrap_or(0),
                 rpm: tenant.limits.requests_per_minute.unwrap_or(0),
                 tpm: tenant.limits.tokens_per_minute.unwrap_or(0),
+                concurrent: tenant.limits.max_concurrent.unwrap_or(0),
             };
             if limits.any() {
                 let cost = u64::from(prompt_tokens) + u64::from(permit.max_tokens);
                 match redis.admit(&tenant.name, limits, cost).await {
-                    Ok(o) => {
+                    Ok((o, lease)) => {
                         if self.backend_down.swap(false, Ordering::Relaxed) {
                             tracing::warn!("quota backend reachable again");
                             eprintln!("sluice: quota backend reachable again; limits enforced");
@@ -276,6 +282,7 @@ impl Quotas {
                                 },
                             ));
                         }
+                        permit.lease = lease;
                         if limits.tpm > 0 {
                             permit.redis = Some(RedisHold {
                                 backend: Arc::clone(redis),
@@ -294,7 +301,7 @@ impl Quotas {
                         if !self.backend_down.swap(true, Ordering::Relaxed) {
                             let what = match self.fail_policy {
                                 FailPolicy::Open => {
-                                    "requests admitted without rate and token limits"
+                                    "requests admitted without rate and token limits, concurrency counted per proxy"
                                 }
                                 FailPolicy::Closed => "requests refused with 503",
                             };
@@ -473,6 +480,14 @@ fn redis_refusal(
             ),
             Some(retry_after_ms.max(1)),
         ),
+        RedisVerdict::Concurrency => (
+            "concurrency",
+            format!(
+                "too many concurrent requests: this key allows {} across all proxies",
+                l.max_concurrent.unwrap_or(0)
+            ),
+            Some(retry_after_ms.max(1)),
+        ),
         RedisVerdict::TooLarge => (
             "request_over_token_budget",
             format!(
@@ -512,6 +527,8 @@ pub struct QuotaPermit {
     prompt_tokens: u32,
     used: Option<u64>,
     redis: Option<RedisHold>,
+    /// The fleet-wide concurrency slot; dropping it releases it in Redis.
+    lease: Option<Lease>,
     /// `x-ratelimit-*` headers for the response.
     pub headers: Vec<(&'static str, String)>,
     reserved_gauge: u64,
@@ -703,6 +720,7 @@ mod tests {
             on_backend_error: p,
             redis_timeout_ms: 100,
             key_prefix: "t".into(),
+            concurrency_lease_ttl_ms: 30_000,
         };
         let t = tenant(TenantLimits {
             requests_per_minute: Some(1),
