@@ -729,6 +729,16 @@ mod tests {
         });
         let open = Quotas::new(&cfg(FailPolicy::Open), metrics.clone()).unwrap();
         assert!(open.admit(&t, 1, 1).await.is_ok());
+        // Failing open, concurrency falls back to this proxy's own count.
+        let one = tenant(TenantLimits {
+            max_concurrent: Some(1),
+            ..Default::default()
+        });
+        let held = open.admit(&one, 1, 1).await.unwrap();
+        let r = open.admit(&one, 1, 1).await.unwrap_err();
+        assert_eq!((r.status, r.reason), (429, "concurrency"));
+        drop(held);
+        assert!(open.admit(&one, 1, 1).await.is_ok());
         let closed = Quotas::new(&cfg(FailPolicy::Closed), metrics.clone()).unwrap();
         let r = closed.admit(&t, 1, 1).await.unwrap_err();
         assert_eq!(r.status, 503);
