@@ -163,6 +163,15 @@ pub struct LifecycleLog {
 impl LifecycleLog {
     /// Opens `dest` (`stdout`, `off`, or a file path to append to) and starts the writer.
     pub fn open(dest: &str, rotation: Rotation, metrics: Metrics) -> Result<Self, ProxyError> {
+        Self::open_with_queue(dest, rotation, metrics, QUEUE)
+    }
+
+    fn open_with_queue(
+        dest: &str,
+        rotation: Rotation,
+        metrics: Metrics,
+        queue: usize,
+    ) -> Result<Self, ProxyError> {
         let control = Arc::new(Control {
             reopen: AtomicBool::new(false),
             max_bytes: AtomicU64::new(rotation.max_bytes),
@@ -180,7 +189,7 @@ impl LifecycleLog {
             "stdout" | "-" => Sink::Stdout,
             path => Sink::File(FileSink::open(PathBuf::from(path))?),
         };
-        let (tx, rx) = sync_channel(QUEUE);
+        let (tx, rx) = sync_channel(queue);
         let writer_control = Arc::clone(&control);
         std::thread::Builder::new()
             .name("sluice-lifecycle".into())
@@ -478,5 +487,38 @@ mod tests {
         let text = wait_for(&path, "\"r2\"");
         assert_eq!(ids(&text), [2]);
         assert_eq!(ids(&std::fs::read_to_string(&moved).unwrap()), [1]);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.jsonl");
+        let metrics = Metrics::new();
+        let log = LifecycleLog::open_with_queue(
+            path.to_str().unwrap(),
+            Rotation::default(),
+            metrics.clone(),
+            1,
+        )
+        .unwrap();
+        let n = 20_000u64;
+        for i in 0..n {
+            log.emit(Record {
+                request_id: format!("r{i}"),
+                ..Record::default()
+            });
+        }
+        // The last record marks the end only if it was not dropped itself; an
+        // extra one after a pause always gets in.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        log.emit(Record {
+            request_id: "r999999".into(),
+            ..Record::default()
+        });
+        let text = wait_for(&path, "\"r999999\"");
+        let written = text.lines().count() as u64 - 1;
+        let dropped = metrics.lifecycle_dropped.get();
+        assert!(dropped > 0, "a queue of one never filled");
+        assert_eq!(written + dropped, n, "every record is written or counted");
     }
 }

@@ -121,6 +121,9 @@ pub struct Shared {
     /// watcher reloads each new content once, whether it loads or not.
     seen_config: Mutex<Option<Vec<u8>>>,
     last_reload: Mutex<Option<ReloadStatus>>,
+    /// One reload at a time (SIGHUP and the file watcher may fire together):
+    /// two interleaved swaps would leave one new generation's tasks running.
+    reloading: Mutex<()>,
     /// Keep-alive connections to replicas.
     pub upstream: UpstreamPool,
     /// Quota state and admission gates (they outlive config generations).
@@ -158,6 +161,7 @@ impl Shared {
             next_id: AtomicU64::new(2),
             seen_config: Mutex::new(seen),
             last_reload: Mutex::new(None),
+            reloading: Mutex::new(()),
             upstream: UpstreamPool::new(IDLE_PER_REPLICA, UPSTREAM_IDLE),
             tenancy,
             metrics,
@@ -187,6 +191,7 @@ impl Shared {
     /// config stays. Requests in flight finish on the generation they started
     /// with. The outcome is counted, logged and kept for `/admin/state`.
     pub fn reload(&self, trigger: ReloadTrigger) -> Result<u64, ProxyError> {
+        let _one_at_a_time = lock(&self.reloading);
         let result = self.try_reload();
         let label = if result.is_ok() { "success" } else { "failure" };
         self.metrics.reloads.with_label_values(&[label]).inc();
