@@ -797,12 +797,13 @@ impl Config {
             } else {
                 ""
             },
-            match self.lifecycle.max_bytes {
-                Some(b) => format!(
+            match (self.lifecycle.log.as_str(), self.lifecycle.max_bytes) {
+                ("off" | "" | "stdout" | "-", _) => String::new(),
+                (_, Some(b)) => format!(
                     "; rotated at {b} bytes, {} old files kept; reopened on SIGHUP/SIGUSR1",
                     self.lifecycle.keep
                 ),
-                None => "; reopened on SIGHUP/SIGUSR1".to_string(),
+                (_, None) => "; reopened on SIGHUP/SIGUSR1".to_string(),
             }
         );
         for p in self.pools() {
