@@ -254,6 +254,9 @@ impl Shared {
         for p in &generation.pools {
             p.start_tasks(&self.metrics);
         }
+        generation
+            .lifecycle
+            .set_rotation(generation.config.lifecycle.rotation());
         *self
             .generation
             .write()
@@ -281,11 +284,9 @@ fn build_generation(
     let rotation = config.lifecycle.rotation();
     let lifecycle = match previous {
         // The same destination keeps its writer (two writers on one file would
-        // interleave and rotate each other's files); new limits apply to it.
-        Some(p) if p.lifecycle.dest() == config.lifecycle.log => {
-            p.lifecycle.set_rotation(rotation);
-            p.lifecycle.clone()
-        }
+        // interleave and rotate each other's files); new limits apply to it
+        // once the reload is committed.
+        Some(p) if p.lifecycle.dest() == config.lifecycle.log => p.lifecycle.clone(),
         _ => LifecycleLog::open(&config.lifecycle.log, rotation, metrics.clone())?,
     };
     let tokenizers = config.tokenizers()?;
