@@ -97,6 +97,22 @@ fn spawn(p: &Proxy, key: &str, tag: &str, words: usize, max_tokens: u32) -> Join
     std::thread::spawn(move || post(&addr, Some(&key), &body))
 }
 
+/// A proxy in front of `sims` with this admission section and these tenants
+/// (the temporary directory holds its config and lifecycle log).
+fn start(sims: &[Sim], admission: &str, tenants: &str) -> (tempfile::TempDir, Proxy) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy(dir.path(), &config(sims, admission, tenants));
+    (dir, p)
+}
+
+/// `sluice_admission_decisions_total` of the chat pool for one outcome.
+fn decisions(p: &Proxy, outcome: &str) -> f64 {
+    metric(
+        p,
+        &format!("sluice_admission_decisions_total{{outcome=\"{outcome}\",pool=\"chat\"}}"),
+    )
+}
+
 fn queue_len(p: &Proxy) -> f64 {
     metric(p, "sluice_admission_queue_length{pool=\"chat\"}")
 }
@@ -143,14 +159,10 @@ fn routed_order(p: &Proxy, n: usize) -> Vec<String> {
 #[test]
 fn queue_holds_requests_while_saturated_and_releases_shortest_first() {
     let sims = pool_sims();
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            &admission("shortest_first", ""),
-            &tenant("t", "k", ""),
-        ),
+    let (_dir, p) = start(
+        &sims,
+        &admission("shortest_first", ""),
+        &tenant("t", "k", ""),
     );
     let b = blocker(&p, &sims, "k");
     // Prompt sizes chosen so each alone fits but no two do (with the blocker gone).
@@ -188,30 +200,21 @@ fn queue_holds_requests_while_saturated_and_releases_shortest_first() {
     let mut sorted = prompts.clone();
     sorted.sort_unstable();
     assert_eq!(prompts, sorted, "shortest prompt first: {prompts:?}");
-    assert!(
-        metric(
-            &p,
-            "sluice_admission_decisions_total{outcome=\"queued\",pool=\"chat\"}"
-        ) >= 3.0
-    );
+    assert!(decisions(&p, "queued") >= 3.0);
     assert_no_trace(&p);
 }
 
 #[test]
 fn fair_order_serves_weights_two_to_one() {
     let sims = pool_sims();
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            &admission("fair", "max_queue_len = 64"),
-            &format!(
-                "{}{}{}",
-                tenant("heavy", "kh", "weight = 2.0"),
-                tenant("light", "kl", "weight = 1.0"),
-                tenant("blocker", "kb", "")
-            ),
+    let (_dir, p) = start(
+        &sims,
+        &admission("fair", "max_queue_len = 64"),
+        &format!(
+            "{}{}{}",
+            tenant("heavy", "kh", "weight = 2.0"),
+            tenant("light", "kl", "weight = 1.0"),
+            tenant("blocker", "kb", "")
         ),
     );
     let b = blocker(&p, &sims, "kb");
@@ -270,13 +273,7 @@ fn queue_timeouts_shed_with_retry_after_and_leave_no_trace() {
     assert!(r.header("retry-after").is_some());
     assert_eq!(r.header("x-sluice-error"), Some("true"));
     assert!(r.json()["error"]["message"].is_string());
-    assert_eq!(
-        metric(
-            &p,
-            "sluice_admission_decisions_total{outcome=\"timeout\",pool=\"chat\"}"
-        ),
-        1.0
-    );
+    assert_eq!(decisions(&p, "timeout"), 1.0);
     assert_eq!(
         metric(
             &p,
@@ -339,14 +336,10 @@ fn slo_classes(urgent_ms: u64, relaxed_ms: u64) -> String {
 #[test]
 fn deadline_order_serves_the_class_with_the_tighter_ttft_slo_first() {
     let sims = pool_sims();
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            &admission("deadline", ""),
-            &(tenant("t", "k", "") + &slo_classes(5_000, 19_000)),
-        ),
+    let (_dir, p) = start(
+        &sims,
+        &admission("deadline", ""),
+        &(tenant("t", "k", "") + &slo_classes(5_000, 19_000)),
     );
     let b = blocker(&p, &sims, "k");
     // The relaxed ones arrive first; the urgent ones' deadlines are still earlier.
@@ -388,20 +381,16 @@ fn deadline_order_serves_the_class_with_the_tighter_ttft_slo_first() {
 #[test]
 fn requests_that_cannot_start_within_their_ttft_slo_are_shed_and_leave_no_trace() {
     let sims = pool_sims();
-    let dir = tempfile::tempdir().unwrap();
     // urgent: 50 ms SLO, 50 of them the engine's own: no time to wait at all.
     // relaxed: 300 ms to wait in the queue.
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            &admission("deadline", "shed_on_ttft_slo = true\nengine_ttft_ms = 50"),
-            &(tenant(
-                "t",
-                "k",
-                "[tenants.limits]\nmax_concurrent = 10\ntokens_per_minute = 1000000",
-            ) + &slo_classes(50, 350)),
-        ),
+    let (_dir, p) = start(
+        &sims,
+        &admission("deadline", "shed_on_ttft_slo = true\nengine_ttft_ms = 50"),
+        &(tenant(
+            "t",
+            "k",
+            "[tenants.limits]\nmax_concurrent = 10\ntokens_per_minute = 1000000",
+        ) + &slo_classes(50, 350)),
     );
     let b = blocker(&p, &sims, "k");
     // Cannot start now and has no time to wait: shed at once, 503 + Retry-After.
@@ -415,25 +404,12 @@ fn requests_that_cannot_start_within_their_ttft_slo_are_shed_and_leave_no_trace(
             .unwrap()
             .contains("time-to-first-token")
     );
-    assert_eq!(
-        metric(
-            &p,
-            "sluice_admission_decisions_total{outcome=\"queued\",pool=\"chat\"}"
-        ),
-        0.0,
-        "shed without waiting"
-    );
+    assert_eq!(decisions(&p, "queued"), 0.0, "shed without waiting");
     // Waits its budget in the queue, then is shed the same way.
     let r = spawn(&p, "k", "relaxed", 300, 300).join().unwrap();
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert!(r.header("retry-after").is_some());
-    assert_eq!(
-        metric(
-            &p,
-            "sluice_admission_decisions_total{outcome=\"ttft_slo\",pool=\"chat\"}"
-        ),
-        2.0
-    );
+    assert_eq!(decisions(&p, "ttft_slo"), 2.0);
     assert_eq!(
         metric(
             &p,
@@ -489,13 +465,7 @@ fn the_gate_holds_from_the_first_request_without_any_scrape() {
         reserved,
         "the second request waits for the first"
     );
-    assert_eq!(
-        metric(
-            &p,
-            "sluice_admission_decisions_total{outcome=\"admitted\",pool=\"chat\"}"
-        ),
-        1.0
-    );
+    assert_eq!(decisions(&p, "admitted"), 1.0);
     release(&sims, first);
     assert_eq!(second.join().unwrap().status, 200);
     assert_no_trace(&p);
