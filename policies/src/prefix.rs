@@ -31,19 +31,36 @@ pub fn extend_block_hashes(
     let Some(rest) = tokens.get(done..) else {
         return;
     };
-    let mut parent = match (hashes.last(), salt) {
+    let parent = match (hashes.last(), salt) {
         (Some(&h), _) => h,
         (None, Some(s)) => xxh3_64_with_seed(s.as_bytes(), ROOT_PARENT),
         (None, None) => ROOT_PARENT,
     };
-    let mut buf = Vec::with_capacity(block_size * 4);
-    for block in rest.chunks_exact(block_size) {
-        buf.clear();
-        for t in block {
-            buf.extend_from_slice(&t.to_le_bytes());
+    chain_blocks(rest, block_size, parent, |h| hashes.push(h));
+}
+
+/// Blocks of up to this many tokens are hashed from a buffer on the stack.
+const STACK_BLOCK_TOKENS: usize = 32;
+
+/// Hashes each full `block_size`-token block of `tokens` in order, chained
+/// from `parent`: xxh3 of the block's little-endian token bytes, seeded with
+/// the previous hash. Called once per decoded block by the simulated engine,
+/// so a usual block size costs no allocation.
+fn chain_blocks(tokens: &[u32], block_size: usize, mut parent: u64, mut out: impl FnMut(u64)) {
+    let mut stack = [0u8; STACK_BLOCK_TOKENS * 4];
+    let mut heap = Vec::new();
+    for block in tokens.chunks_exact(block_size) {
+        let buf: &mut [u8] = if block_size <= STACK_BLOCK_TOKENS {
+            &mut stack[..block_size * 4]
+        } else {
+            heap.resize(block_size * 4, 0);
+            &mut heap
+        };
+        for (b, t) in buf.chunks_exact_mut(4).zip(block) {
+            b.copy_from_slice(&t.to_le_bytes());
         }
-        parent = xxh3_64_with_seed(&buf, parent);
-        hashes.push(parent);
+        parent = xxh3_64_with_seed(buf, parent);
+        out(parent);
     }
 }
 
@@ -54,22 +71,13 @@ pub fn block_hashes(tokens: &[u32], block_size: usize, salt: Option<&str>) -> Ve
     if block_size == 0 {
         return Vec::new();
     }
-    let mut parent = match salt {
+    let parent = match salt {
         Some(s) => xxh3_64_with_seed(s.as_bytes(), ROOT_PARENT),
         None => ROOT_PARENT,
     };
-    let mut buf = Vec::with_capacity(block_size * 4);
-    tokens
-        .chunks_exact(block_size)
-        .map(|block| {
-            buf.clear();
-            for t in block {
-                buf.extend_from_slice(&t.to_le_bytes());
-            }
-            parent = xxh3_64_with_seed(&buf, parent);
-            parent
-        })
-        .collect()
+    let mut hashes = Vec::with_capacity(tokens.len() / block_size);
+    chain_blocks(tokens, block_size, parent, |h| hashes.push(h));
+    hashes
 }
 
 /// A stable 64-bit hash of a string (endpoint keys, tenant names), for
@@ -101,6 +109,35 @@ mod tests {
             let mut empty = Vec::new();
             extend_block_hashes(&mut empty, &t, 16, salt);
             assert_eq!(empty, block_hashes(&t, 16, salt));
+        }
+    }
+
+    /// The chain as first written: every block's bytes gathered in a `Vec`.
+    fn reference_hashes(tokens: &[u32], block_size: usize, salt: Option<&str>) -> Vec<BlockHash> {
+        let mut parent = salt.map_or(ROOT_PARENT, |s| {
+            xxh3_64_with_seed(s.as_bytes(), ROOT_PARENT)
+        });
+        tokens
+            .chunks_exact(block_size)
+            .map(|block| {
+                let buf: Vec<u8> = block.iter().flat_map(|t| t.to_le_bytes()).collect();
+                parent = xxh3_64_with_seed(&buf, parent);
+                parent
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stack_and_heap_buffers_hash_as_the_reference_does() {
+        let t: Vec<u32> = (0..500u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        for bs in [1, 2, 15, 16, 17, 31, 32, 33, 64, 100] {
+            for salt in [None, Some("s")] {
+                let want = reference_hashes(&t, bs, salt);
+                assert_eq!(block_hashes(&t, bs, salt), want, "block size {bs}");
+                let mut h = block_hashes(&t[..bs * 2 + 1], bs, salt);
+                extend_block_hashes(&mut h, &t, bs, salt);
+                assert_eq!(h, want, "extended, block size {bs}");
+            }
         }
     }
 
