@@ -202,6 +202,22 @@ fn first_runs(result: &ExperimentResult) -> Vec<&RunResult> {
         .collect()
 }
 
+/// Each arm's prefix hit rate (%) at the first offered rate, as the table shows it.
+fn hit_rate_bars(result: &ExperimentResult) -> Vec<(String, f64)> {
+    let first_rate = result.runs.first().map(|r| r.rate.map(f64::to_bits));
+    let col = super::METRICS.iter().position(|m| m.name == "prefix hit %");
+    super::arm_rows(result)
+        .into_iter()
+        .filter(|row| Some(row.rate.map(f64::to_bits)) == first_rate)
+        .map(|row| {
+            let mean = col
+                .and_then(|c| row.values.get(c).copied().flatten())
+                .map_or(0.0, |v| v.mean);
+            (row.arm, mean)
+        })
+        .collect()
+}
+
 /// Every figure of the report.
 pub fn figures(result: &ExperimentResult) -> Result<Vec<Figure>> {
     let mut figs = Vec::new();
@@ -244,11 +260,9 @@ pub fn figures(result: &ExperimentResult) -> Result<Vec<Figure>> {
         )?,
     });
 
-    // Prefix cache hit rate per arm.
-    let bars: Vec<(String, f64)> = first_runs(result)
-        .iter()
-        .map(|r| (r.arm.clone(), r.prefix_hit_rate.unwrap_or(0.0) * 100.0))
-        .collect();
+    // Prefix cache hit rate per arm at the first rate: the table's value
+    // (mean over repetitions), not one repetition's.
+    let bars = hit_rate_bars(result);
     figs.push(Figure {
         id: "hit_rate".into(),
         title: "Prefix cache hit rate per arm".into(),
@@ -356,6 +370,52 @@ pub fn figures(result: &ExperimentResult) -> Result<Vec<Figure>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hit_rate_bars_average_the_repetitions_like_the_table() {
+        let exp: crate::ab::Experiment = toml::from_str(
+            r#"
+            [fleet]
+            replicas = 2
+            [workload]
+            path = "w.jsonl"
+            [[arms]]
+            name = "a"
+            [[arms]]
+            name = "b"
+            "#,
+        )
+        .unwrap();
+        let run = |arm: &str, rep: usize, hit: f64| RunResult {
+            arm: arm.into(),
+            rep,
+            rate: None,
+            dir: std::path::PathBuf::new(),
+            summary: crate::metrics::Summary::default(),
+            shed: 0,
+            replicas: Vec::new(),
+            prefix_hit_rate: Some(hit),
+            preemptions: 0.0,
+            max_over_mean_requests: None,
+            lifecycle_records: None,
+            series: Vec::new(),
+        };
+        let result = ExperimentResult {
+            experiment: exp,
+            runs: vec![
+                run("a", 0, 0.2),
+                run("b", 0, 0.5),
+                run("a", 1, 0.4),
+                run("b", 1, 0.7),
+            ],
+            interrupted: false,
+        };
+        let bars = hit_rate_bars(&result);
+        assert_eq!(bars.len(), 2);
+        assert_eq!(bars[0].0, "a");
+        assert!((bars[0].1 - 30.0).abs() < 1e-9, "{bars:?}");
+        assert!((bars[1].1 - 60.0).abs() < 1e-9, "{bars:?}");
+    }
 
     #[test]
     fn charts_render_text_and_shapes() {
