@@ -41,9 +41,11 @@ pub fn parse_admission(spec: &str, block_size: u32) -> Result<AdmissionConfig> {
     Ok(cfg)
 }
 
-/// The spec that [`parse_admission`] reads back to `cfg`.
+/// The spec that [`parse_admission`] reads back to `cfg` (given the same
+/// block size): the main keys always, the others only when they differ from
+/// the proxy's defaults.
 pub fn admission_spec(cfg: &AdmissionConfig) -> String {
-    format!(
+    let mut spec = format!(
         "max_kv_usage={},max_engine_waiting={},order={},max_queue_len={},max_queue_wait_ms={},starvation_ms={},expected_output_tokens={}",
         cfg.max_kv_usage,
         cfg.max_engine_waiting,
@@ -52,7 +54,41 @@ pub fn admission_spec(cfg: &AdmissionConfig) -> String {
         cfg.max_queue_wait_ms,
         cfg.starvation_ms,
         cfg.expected_output_tokens
-    )
+    );
+    let d = AdmissionConfig::default();
+    let mut extra = |key: &str, value: String, default: String| {
+        if value != default {
+            spec.push_str(&format!(",{key}={value}"));
+        }
+    };
+    extra("enabled", cfg.enabled.to_string(), d.enabled.to_string());
+    extra(
+        "output_token_cost",
+        cfg.output_token_cost.to_string(),
+        d.output_token_cost.to_string(),
+    );
+    extra(
+        "default_deadline_ms",
+        cfg.default_deadline_ms.to_string(),
+        d.default_deadline_ms.to_string(),
+    );
+    if let Some(blocks) = cfg.endpoint_kv_blocks {
+        extra("endpoint_kv_blocks", blocks.to_string(), String::new());
+    }
+    extra(
+        "shed_on_ttft_slo",
+        cfg.shed_on_ttft_slo.to_string(),
+        d.shed_on_ttft_slo.to_string(),
+    );
+    extra(
+        "engine_ttft_ms",
+        cfg.engine_ttft_ms.to_string(),
+        d.engine_ttft_ms.to_string(),
+    );
+    if let Some(n) = cfg.max_prefilling {
+        extra("max_prefilling", n.to_string(), String::new());
+    }
+    spec
 }
 
 #[cfg(test)]
@@ -80,6 +116,21 @@ mod tests {
             (0.5, 2.0, QueueOrder::ShortestFirst, 500, 32)
         );
         assert_eq!(parse_admission(&admission_spec(&c), 32).unwrap(), c);
+        // Every key survives the round trip, the newer ones too.
+        let all = parse_admission(
+            "max_kv_usage=0.7,max_engine_waiting=1,order=deadline,max_queue_len=9,\
+             max_queue_wait_ms=700,starvation_ms=900,expected_output_tokens=160,\
+             output_token_cost=2.5,default_deadline_ms=1500,endpoint_kv_blocks=512,\
+             shed_on_ttft_slo=true,engine_ttft_ms=25,max_prefilling=1",
+            16,
+        )
+        .unwrap();
+        assert_eq!(all.max_prefilling, Some(1));
+        assert_eq!(all.endpoint_kv_blocks, Some(512));
+        let spec = admission_spec(&all);
+        assert!(spec.contains("shed_on_ttft_slo=true"), "{spec}");
+        assert_eq!(parse_admission(&spec, 16).unwrap(), all);
+        assert!(!admission_spec(&AdmissionConfig::default()).contains("max_prefilling"));
         for bad in [
             "max_kv_usage=2",
             "colour=red",
