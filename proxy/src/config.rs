@@ -906,9 +906,13 @@ impl Config {
                 } else {
                     conds.join(" and ")
                 };
+                let slo = c
+                    .ttft_slo_ms
+                    .map(|ms| format!(", TTFT SLO {ms} ms"))
+                    .unwrap_or_default();
                 let _ = writeln!(
                     o,
-                    "  {} -> pool `{}` when {when} (default max_tokens {})",
+                    "  {} -> pool `{}` when {when} (default max_tokens {}{slo})",
                     c.name, c.pool, c.default_output_tokens
                 );
             }
@@ -956,6 +960,23 @@ endpoints = ["127.0.0.1:1", "http://127.0.0.1:2/"]
             ])
         );
         assert!(c.explain().contains("pool `chat`"));
+    }
+
+    #[test]
+    fn explain_names_each_class_ttft_slo() {
+        let src = format!(
+            "{MIN}\n[[classes]]\nname = \"urgent\"\npool = \"chat\"\nttft_slo_ms = 50\n\
+             [[classes]]\nname = \"bulk\"\npool = \"chat\"\n"
+        );
+        let text = Config::parse(&src, "t").unwrap().explain();
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(line("urgent").contains("TTFT SLO 50 ms"), "{text}");
+        assert!(!line("bulk").contains("TTFT SLO"), "{text}");
     }
 
     #[test]
