@@ -12,12 +12,10 @@ mod common;
 mod tenants;
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{MODEL, Proxy, Sim, metric_value, sims, write_config};
+use common::{Client, MODEL, Proxy, Sim, metric_value, sims, write_config};
 use serde_json::Value;
 use tenants::{Reply, chat, read_reply, sha256_hex};
 
@@ -30,20 +28,13 @@ fn ask(addr: &str, key: Option<&str>, headers: &[(&str, &str)], request_id: &str
 
 /// Like [`ask`], whatever the status.
 fn ask_any(addr: &str, key: Option<&str>, headers: &[(&str, &str)], request_id: &str) -> Reply {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut all = vec![("x-request-id", request_id)];
+    all.extend(auth.iter().map(|a| ("Authorization", a.as_str())));
+    all.extend_from_slice(headers);
+    let body = chat(&format!("hello from {request_id}"), 2, false);
+    let s = Client::new(addr).send_with_headers("POST", "/v1/chat/completions", &all, Some(&body));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = chat(&format!("hello from {request_id}"), 2, false).to_string();
-    let mut head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\nx-request-id: {request_id}\r\n",
-        body.len()
-    );
-    if let Some(k) = key {
-        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-    }
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    s.write_all(format!("{head}\r\n{body}").as_bytes()).unwrap();
     read_reply(s)
 }
 

@@ -84,13 +84,29 @@ impl Client {
 
     /// Sends a request and returns the raw stream positioned after the request.
     pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> TcpStream {
+        self.send_with_headers(method, path, &[], body)
+    }
+
+    /// Like [`Client::send`], with extra request headers (API keys, session ids).
+    pub fn send_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> TcpStream {
         let mut s = self.connect();
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             self.addr,
             body.len()
         );
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(&body);
         s.write_all(req.as_bytes()).unwrap();
         s
     }
@@ -232,7 +248,8 @@ fn read_chunk(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Vec<u8>>> 
 }
 
 impl Response {
-    fn read(s: TcpStream) -> Response {
+    /// Reads a whole response (head, then a chunked, sized or to-EOF body).
+    pub fn read(s: TcpStream) -> Response {
         let mut r = BufReader::new(s);
         let (status, headers) = read_head(&mut r);
         let mut body = Vec::new();

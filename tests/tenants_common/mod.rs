@@ -4,106 +4,31 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 pub use crate::common::sim::metric_value;
-pub use crate::common::{MODEL, Proxy, Sim, write_config};
+pub use crate::common::{Client, MODEL, Proxy, Sim, write_config};
 
-/// A whole response.
-#[derive(Debug)]
-pub struct Reply {
-    /// Status code.
-    pub status: u16,
-    /// Headers, names lower-cased.
-    pub headers: Vec<(String, String)>,
-    /// Body (de-chunked).
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    /// A header value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The body as JSON.
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
+/// A whole response (the sim tests' client reads it).
+pub use crate::common::Response as Reply;
 
 /// Sends a POST with an optional bearer key; returns the open stream.
 pub fn send(addr: &str, path: &str, key: Option<&str>, body: &Value) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    let s = Client::new(addr).send_with_headers("POST", path, &headers, Some(body));
+    // Tenant tests wait on queues and slow streams: longer than the client's default.
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.set_nodelay(true).unwrap();
-    let body = body.to_string();
-    let auth = key
-        .map(|k| format!("Authorization: Bearer {k}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
     s
 }
 
-/// Reads a whole response (head, then content-length, chunked or to EOF).
+/// Reads a whole response.
 pub fn read_reply(s: TcpStream) -> Reply {
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let mut body = Vec::new();
-    if let Some(n) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.resize(n, 0);
-        r.read_exact(&mut body).unwrap();
-    } else if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        loop {
-            let mut size = String::new();
-            r.read_line(&mut size).unwrap();
-            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if n == 0 {
-                break;
-            }
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk).unwrap();
-            body.extend_from_slice(&chunk[..n]);
-        }
-    } else {
-        let _ = r.read_to_end(&mut body);
-    }
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply::read(s)
 }
 
 /// POST a chat request with `key`.
