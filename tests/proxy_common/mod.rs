@@ -7,12 +7,11 @@
 #[path = "../sim_common/mod.rs"]
 pub mod sim;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -70,14 +69,7 @@ impl Proxy {
             .stderr(stderr)
             .spawn()
             .expect("start sluice serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+        let line = sim::first_stdout_line(&mut child, Duration::from_secs(20)).unwrap_or_default();
         let Some(rest) = line
             .trim()
             .strip_prefix("sluice-proxy listening on http://")
@@ -131,24 +123,24 @@ impl Proxy {
 
     /// Lifecycle records written so far, waiting until at least `n` are there.
     pub fn records(&self, n: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(&self.lifecycle).unwrap_or_default();
-            let recs: Vec<Value> = text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| serde_json::from_str(l).expect("lifecycle line is JSON"))
-                .collect();
-            if recs.len() >= n {
-                return recs;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {} lifecycle records, wanted {n}",
-                recs.len()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        sim::wait_until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                let text = std::fs::read_to_string(&self.lifecycle).unwrap_or_default();
+                let recs: Vec<Value> = text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(|l| serde_json::from_str(l).expect("lifecycle line is JSON"))
+                    .collect();
+                if recs.len() >= n {
+                    Ok(recs)
+                } else {
+                    Err(recs.len())
+                }
+            },
+            |got| format!("only {got} lifecycle records, wanted {n}"),
+        )
     }
 
     /// `/admin/state` as JSON.
@@ -160,18 +152,15 @@ impl Proxy {
 
     /// Polls `/admin/state` until `pred` holds (bounded).
     pub fn wait_state(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let s = self.state();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {s}"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        sim::wait_until(
+            Duration::from_secs(15),
+            Duration::from_millis(25),
+            || {
+                let s = self.state();
+                if pred(&s) { Ok(s) } else { Err(s) }
+            },
+            |s| format!("timed out waiting for {what}: {s}"),
+        )
     }
 
     /// The stderr written so far.

@@ -47,14 +47,7 @@ impl Sim {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start sluice sim");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(IO_TIMEOUT).expect("listening line");
+        let line = first_stdout_line(&mut child, IO_TIMEOUT).expect("listening line");
         let addr = line
             .trim()
             .strip_prefix("sluice-sim listening on http://")
@@ -65,6 +58,38 @@ impl Sim {
             client: Client { addr },
         }
     }
+}
+
+/// Calls `check` every `every` until it gives `Ok`; after `limit`, panics
+/// with `explain` of the last `Err` (what the condition looked like when time
+/// ran out — built only then).
+pub fn wait_until<T, E>(
+    limit: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Result<T, E>,
+    explain: impl FnOnce(E) -> String,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => panic!("{}", explain(last)),
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}
+
+/// The first line a child writes to its piped stdout (its "listening on"
+/// line), or `None` if none comes within `limit`.
+pub fn first_stdout_line(child: &mut Child, limit: Duration) -> Option<String> {
+    let stdout = child.stdout.take()?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(limit).ok()
 }
 
 impl Client {
@@ -143,33 +168,30 @@ impl Client {
     /// Polls `/metrics` until `pred` holds for the whole text (so several
     /// samples come from one scrape), or panics after `limit`.
     pub fn wait_scrape(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let m = self.get("/metrics");
-            assert_eq!(m.status, 200);
-            let text = m.text();
-            if pred(&text) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "condition never held; last scrape:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until(
+            limit,
+            Duration::from_millis(5),
+            || {
+                let m = self.get("/metrics");
+                assert_eq!(m.status, 200);
+                let text = m.text();
+                if pred(&text) { Ok(text) } else { Err(text) }
+            },
+            |text| format!("condition never held; last scrape:\n{text}"),
+        )
     }
 
     /// Polls `/metrics` until `pred` holds for the sample, or panics after `limit`.
     pub fn wait_metric(&self, prefix: &str, limit: Duration, pred: impl Fn(f64) -> bool) -> f64 {
-        let deadline = Instant::now() + limit;
-        loop {
-            let v = self.metric(prefix);
-            if pred(v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "{prefix} stayed at {v}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until(
+            limit,
+            Duration::from_millis(5),
+            || {
+                let v = self.metric(prefix);
+                if pred(v) { Ok(v) } else { Err(v) }
+            },
+            |v| format!("{prefix} stayed at {v}"),
+        )
     }
 }
 

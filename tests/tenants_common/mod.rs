@@ -81,19 +81,15 @@ pub fn metric(p: &Proxy, prefix: &str) -> f64 {
 
 /// Polls a metric until `pred` holds, or panics after 15 s.
 pub fn wait_metric(p: &Proxy, prefix: &str, pred: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v = metric(p, prefix);
-        if pred(v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metric {prefix} stuck at {v}; stderr: {}",
-            p.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::common::sim::wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || {
+            let v = metric(p, prefix);
+            if pred(v) { Ok(v) } else { Err(v) }
+        },
+        |v| format!("metric {prefix} stuck at {v}; stderr: {}", p.stderr()),
+    )
 }
 
 /// A `redis-server` on a free loopback port, killed on drop.
