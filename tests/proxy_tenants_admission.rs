@@ -97,14 +97,6 @@ fn spawn(p: &Proxy, key: &str, tag: &str, words: usize, max_tokens: u32) -> Join
     std::thread::spawn(move || post(&addr, Some(&key), &body))
 }
 
-/// A proxy in front of `sims` with this admission section and these tenants
-/// (the temporary directory holds its config and lifecycle log).
-fn start(sims: &[Sim], admission: &str, tenants: &str) -> (tempfile::TempDir, Proxy) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(dir.path(), &config(sims, admission, tenants));
-    (dir, p)
-}
-
 /// `sluice_admission_decisions_total` of the chat pool for one outcome.
 fn decisions(p: &Proxy, outcome: &str) -> f64 {
     metric(

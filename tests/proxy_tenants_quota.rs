@@ -37,17 +37,13 @@ fn error_of(r: &Reply, status: u16) -> serde_json::Value {
 #[test]
 fn keys_map_to_tenants_and_unknown_keys_get_401() {
     let sims = common::sims(1, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            "",
-            &format!(
-                "{}{}",
-                tenant("acme", "sk-acme", ""),
-                tenant("beta", "sk-beta", "models = [\"other-model\"]")
-            ),
+    let (_dir, p) = start(
+        &sims,
+        "",
+        &format!(
+            "{}{}",
+            tenant("acme", "sk-acme", ""),
+            tenant("beta", "sk-beta", "models = [\"other-model\"]")
         ),
     );
     let e = error_of(&post(&p.api.addr, None, &chat("hi", 4, false)), 401);
@@ -90,14 +86,10 @@ fn keys_map_to_tenants_and_unknown_keys_get_401() {
 #[test]
 fn request_rate_limit_answers_429_with_headers() {
     let sims = common::sims(1, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            "",
-            &tenant("acme", "k", "[tenants.limits]\nrequests_per_minute = 3"),
-        ),
+    let (_dir, p) = start(
+        &sims,
+        "",
+        &tenant("acme", "k", "[tenants.limits]\nrequests_per_minute = 3"),
     );
     let mut remaining = Vec::new();
     for _ in 0..3 {
@@ -131,14 +123,10 @@ fn request_rate_limit_answers_429_with_headers() {
 #[test]
 fn token_budget_reserves_then_settles_to_usage() {
     let sims = common::sims(1, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            "",
-            &tenant("acme", "k", "[tenants.limits]\ntokens_per_minute = 1000"),
-        ),
+    let (_dir, p) = start(
+        &sims,
+        "",
+        &tenant("acme", "k", "[tenants.limits]\ntokens_per_minute = 1000"),
     );
     // Reserves prompt + 600 at admission: a second such request cannot fit
     // while the first holds its reservation, but the settled usage (prompt +
@@ -200,14 +188,10 @@ fn token_budget_reserves_then_settles_to_usage() {
 #[test]
 fn concurrency_slots_come_back_when_clients_disconnect() {
     let sims = common::sims(1, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            "",
-            &tenant("acme", "k", "[tenants.limits]\nmax_concurrent = 2"),
-        ),
+    let (_dir, p) = start(
+        &sims,
+        "",
+        &tenant("acme", "k", "[tenants.limits]\nmax_concurrent = 2"),
     );
     let slots = "sluice_tenant_concurrency_slots{tenant=\"acme\"}";
     for round in 0..3 {
@@ -248,25 +232,21 @@ fn concurrency_slots_come_back_when_clients_disconnect() {
 #[test]
 fn per_request_caps_reject_or_clamp() {
     let sims = common::sims(1, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            "",
-            &format!(
-                "{}{}",
-                tenant(
-                    "strict",
-                    "s",
-                    "[tenants.limits]\nmax_output_tokens = 8\nmax_prompt_tokens = 50"
-                ),
-                tenant(
-                    "lenient",
-                    "l",
-                    "[tenants.limits]\nmax_output_tokens = 8\non_output_over_cap = \"clamp\""
-                )
+    let (_dir, p) = start(
+        &sims,
+        "",
+        &format!(
+            "{}{}",
+            tenant(
+                "strict",
+                "s",
+                "[tenants.limits]\nmax_output_tokens = 8\nmax_prompt_tokens = 50"
             ),
+            tenant(
+                "lenient",
+                "l",
+                "[tenants.limits]\nmax_output_tokens = 8\non_output_over_cap = \"clamp\""
+            )
         ),
     );
     let e = error_of(&post(&p.api.addr, Some("s"), &chat("hi", 100, false)), 400);
@@ -286,17 +266,13 @@ fn per_request_caps_reject_or_clamp() {
 #[test]
 fn cache_isolated_tenants_never_share_cached_prefixes() {
     let sims = common::sims(1, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let p = proxy(
-        dir.path(),
-        &config(
-            &sims,
-            "",
-            &format!(
-                "{}{}",
-                tenant("a", "ka", "cache_isolation = true"),
-                tenant("b", "kb", "cache_isolation = true")
-            ),
+    let (_dir, p) = start(
+        &sims,
+        "",
+        &format!(
+            "{}{}",
+            tenant("a", "ka", "cache_isolation = true"),
+            tenant("b", "kb", "cache_isolation = true")
         ),
     );
     let prompt = "The same long system prompt shared word for word. ".repeat(40);

@@ -154,3 +154,11 @@ pub fn proxy(dir: &std::path::Path, text: &str) -> Proxy {
     let path = write_config(dir, "sluice.toml", text);
     Proxy::start(&["--config", path.to_str().unwrap()])
 }
+
+/// A proxy over `sims` from [`config`]`(sims, pool_extra, extra)`; the
+/// temporary directory holds its config file and must outlive it.
+pub fn start(sims: &[Sim], pool_extra: &str, extra: &str) -> (tempfile::TempDir, Proxy) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy(dir.path(), &config(sims, pool_extra, extra));
+    (dir, p)
+}
