@@ -338,18 +338,8 @@ impl Outcome {
             "Total token throughput (tok/s):",
             format!("{:.1}", s.total_token_throughput),
         );
-        for (name, l) in [
-            ("TTFT", &s.ttft),
-            ("TPOT", &s.tpot),
-            ("ITL", &s.itl),
-            ("E2EL", &s.e2el),
-        ] {
-            line(&format!("Mean {name} (ms):"), format!("{:.2}", l.mean_ms));
-            line(
-                &format!("Median {name} (ms):"),
-                format!("{:.2}", l.median_ms),
-            );
-            line(&format!("P99 {name} (ms):"), format!("{:.2}", l.p99_ms));
+        for (k, v) in sluice_bench::loadgen::output::latency_rows(s) {
+            line(&k, v);
         }
         line(
             "Prefix cache hit rate:",

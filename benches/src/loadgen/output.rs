@@ -196,20 +196,30 @@ pub fn format_summary(s: &Summary) -> String {
     if let Some(c) = s.cached_token_fraction {
         line("Cached prompt tokens (%):", format!("{:.1}", c * 100.0));
     }
+    for (k, v) in latency_rows(s) {
+        line(&k, v);
+    }
+    out
+}
+
+/// The latency rows of `vllm bench serve`'s result block: mean, median and
+/// P99 of TTFT, TPOT, ITL and E2EL in milliseconds, as (label, value).
+pub fn latency_rows(s: &Summary) -> Vec<(String, String)> {
+    let mut rows = Vec::with_capacity(12);
     for (name, st) in [
         ("TTFT", &s.ttft),
         ("TPOT", &s.tpot),
         ("ITL", &s.itl),
         ("E2EL", &s.e2el),
     ] {
-        line(&format!("Mean {name} (ms):"), format!("{:.2}", st.mean_ms));
-        line(
-            &format!("Median {name} (ms):"),
+        rows.push((format!("Mean {name} (ms):"), format!("{:.2}", st.mean_ms)));
+        rows.push((
+            format!("Median {name} (ms):"),
             format!("{:.2}", st.median_ms),
-        );
-        line(&format!("P99 {name} (ms):"), format!("{:.2}", st.p99_ms));
+        ));
+        rows.push((format!("P99 {name} (ms):"), format!("{:.2}", st.p99_ms)));
     }
-    out
+    rows
 }
 
 /// One [`format_summary`] section per experiment arm, each under a banner naming the arm.
