@@ -131,14 +131,19 @@ impl PoolGate {
         let now_ms = self.now_ms();
         let stale = pool.stale_after();
         let eps = pool.endpoints();
-        let routable = eps.iter().filter(|e| e.is_routable(now)).count();
-        let snapshot =
-            PoolSnapshot::from_gauges(eps.iter().filter(|e| e.is_routable(now)).filter_map(|e| {
-                let gauges = e.load(now, stale).engine?;
-                let age = u64::try_from(e.scrape_age(now)?.as_millis()).unwrap_or(u64::MAX);
-                Some((gauges, now_ms.saturating_sub(age)))
-            }));
-        (snapshot, u32::try_from(routable).unwrap_or(u32::MAX))
+        // One pass: `is_routable` takes the endpoint's outlier lock.
+        let mut routable = 0u32;
+        let snapshot = PoolSnapshot::from_gauges(
+            eps.iter()
+                .filter(|e| e.is_routable(now))
+                .inspect(|_| routable = routable.saturating_add(1))
+                .filter_map(|e| {
+                    let gauges = e.load(now, stale).engine?;
+                    let age = u64::try_from(e.scrape_age(now)?.as_millis()).unwrap_or(u64::MAX);
+                    Some((gauges, now_ms.saturating_sub(age)))
+                }),
+        );
+        (snapshot, routable)
     }
 
     /// Polls the queue with fresh gauges (call with the lock held).
