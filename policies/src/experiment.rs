@@ -97,31 +97,11 @@ pub fn valid_arm_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Whether `name` is a lowercase HTTP header name (RFC 9110 token characters).
+/// Whether `name` is a lowercase HTTP header name (RFC 9110 token
+/// characters, as the `http` crate parses them; it would lowercase others).
 fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
+    name.len() <= 128
+        && http::HeaderName::from_bytes(name.as_bytes()).is_ok_and(|n| n.as_str() == name)
 }
 
 impl ExperimentConfig {
@@ -395,6 +375,14 @@ routing = { policy = "cache_aware", balance_abs_threshold = 8 }
         let mut upper = exp(SplitBy::Header, &[1.0]);
         upper.header = Some("X-Session".into());
         check(&upper, "lowercase");
+        for bad in ["", "x session", "x:session", "x-session\n"] {
+            let mut not_token = exp(SplitBy::Header, &[1.0]);
+            not_token.header = Some(bad.into());
+            check(&not_token, "not a lowercase HTTP header name");
+        }
+        let mut long = exp(SplitBy::Header, &[1.0]);
+        long.header = Some("x".repeat(129));
+        check(&long, "not a lowercase HTTP header name");
         let mut unused = exp(SplitBy::Tenant, &[1.0]);
         unused.header = Some("x-session-id".into());
         check(&unused, "only `split_by = \"header\"`");
