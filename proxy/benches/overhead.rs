@@ -11,7 +11,10 @@
 //! The upstream is a second copy of this program (`-- upstream PORT`) that
 //! answers instantly with a fixed OpenAI-shaped body (or a short SSE stream),
 //! so what is measured is the proxy, not an engine. nginx is used when it is
-//! on PATH. Every phase is bounded in requests and time.
+//! on PATH. A plain Pingora reverse proxy (its `ProxyHttp` with only an
+//! `upstream_peer`, 2 threads, keep-alive pool) is a further target: the
+//! floor of the framework Sluice is built on. Every phase is bounded in
+//! requests and time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -118,6 +121,64 @@ async fn run_upstream(port: u16) {
                 .await;
         });
     }
+}
+
+// ---------------------------------------------------------------- plain Pingora
+
+/// Pingora's own reverse proxy with nothing on the request path: every
+/// request goes to the one upstream over Pingora's keep-alive pool. It marks
+/// what the framework costs before any of Sluice's work (body parsing,
+/// token counting, routing, metrics).
+struct PlainPingora(SocketAddr);
+
+#[async_trait::async_trait]
+impl pingora::proxy::ProxyHttp for PlainPingora {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut pingora::proxy::Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<pingora::upstreams::peer::HttpPeer>> {
+        Ok(Box::new(pingora::upstreams::peer::HttpPeer::new(
+            self.0,
+            false,
+            String::new(),
+        )))
+    }
+}
+
+fn run_plain_pingora(port: u16, upstream: SocketAddr) -> ! {
+    let conf = pingora::server::configuration::ServerConf {
+        threads: 2,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(0),
+        upstream_keepalive_pool_size: 256,
+        ..Default::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, PlainPingora(upstream));
+    svc.add_tcp(&format!("127.0.0.1:{port}"));
+    server.add_service(svc);
+    server.run_forever()
+}
+
+fn start_plain_pingora(upstream: SocketAddr) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let c = Command::new(std::env::current_exe().unwrap())
+        .args(["pingora", &port.to_string(), &upstream.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "plain Pingora did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Proc(c), addr)
 }
 
 // ---------------------------------------------------------------- processes
@@ -422,6 +483,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if args.first().map(String::as_str) == Some("pingora") {
+        let port = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let up = args
+            .get(2)
+            .and_then(|a| a.parse().ok())
+            .expect("pingora PORT UPSTREAM");
+        run_plain_pingora(port, up);
+    }
     if args.first().map(String::as_str) == Some("upstream") {
         let port = args.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
         rt.block_on(run_upstream(port));
@@ -439,6 +508,9 @@ fn main() {
     } else {
         println!("nginx not found: throughput comparison skipped (apt-get install nginx)");
     }
+    let plain = start_plain_pingora(up);
+    targets.push(("pingora", plain.1));
+    pids.push(Some(plain.0.0.id()));
     // `SLUICE_BASELINE_BIN=path`: an older build as one more target, for before/after in one run.
     let baseline = std::env::var_os("SLUICE_BASELINE_BIN")
         .map(|b| start_sluice_bin(PathBuf::from(b), up, dir.path(), "baseline"));
