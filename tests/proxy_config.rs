@@ -271,6 +271,60 @@ fn config_file_changes_reload_without_a_signal() {
 }
 
 #[test]
+fn tokenizer_file_changes_reload_without_a_signal() {
+    let sims = sims(1, &[]);
+    let tok = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/tokenizers/tiny-wordlevel.json"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(tok, d.join("tokenizer.json")).unwrap();
+    let cfg = write_config(
+        d,
+        "sluice.toml",
+        &format!(
+            "[[pools]]\nname = \"p\"\nmodel = \"{MODEL}\"\ntokenizer = \"tokenizer.json\"\nendpoints = [\"{}\"]\n",
+            sims[0].addr
+        ),
+    );
+    let p = Proxy::start(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(p.state()["generation"], 1);
+
+    // 1. A broken tokenizer replaces the file: rejected once, the old one serves on.
+    std::fs::write(d.join("tokenizer.new"), "{}").unwrap();
+    std::fs::rename(d.join("tokenizer.new"), d.join("tokenizer.json")).unwrap();
+    let s = p.wait_state("the rejection", |s| s["last_reload"]["ok"] == false);
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["last_reload"]["trigger"], "file_change");
+    let err = s["last_reload"]["error"].as_str().unwrap();
+    assert!(err.contains("tokenizer"), "{err}");
+    let r = p.api.post(
+        "/v1/completions",
+        &serde_json::json!({"model": MODEL, "prompt": "still counted", "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Three more polls of the same broken file: still one failure.
+    std::thread::sleep(config_watch_polls(3));
+    let metrics = p.admin.get("/metrics").text();
+    assert_eq!(
+        metric_value(&metrics, "sluice_config_reloads_total{result=\"failure\"}"),
+        Some(1.0),
+        "a broken tokenizer is tried once"
+    );
+
+    // 2. The good file back (written in place): reloaded.
+    std::fs::copy(tok, d.join("tokenizer.json")).unwrap();
+    let s = p.wait_state("the fixed tokenizer", |s| s["generation"] == 2);
+    assert_eq!(s["last_reload"]["ok"], true);
+}
+
+/// How long the file watcher takes for `n` polls (1 s each, plus settling).
+fn config_watch_polls(n: u32) -> Duration {
+    Duration::from_millis(1_300) * n
+}
+
+#[test]
 fn sigusr1_reopens_the_lifecycle_log_after_logrotate() {
     let sims = sims(1, &[]);
     let p = Proxy::over(&sims, &[]);

@@ -11,6 +11,7 @@ use sluice_policies::classify::Classifier;
 use sluice_policies::routing::RoutingConfig;
 
 use crate::config::Config;
+use crate::config_watch::{FileStamp, stamps};
 use crate::error::ProxyError;
 use crate::lifecycle::{Clock, LifecycleLog};
 use crate::metrics::Metrics;
@@ -74,6 +75,11 @@ pub struct Generation {
     pub tenants: Directory,
     /// When it was loaded.
     pub loaded_at: Instant,
+    /// The pools' tokenizer files, and what their metadata said just before
+    /// they were loaded (the file watcher reloads when it changes).
+    pub tokenizer_files: Vec<PathBuf>,
+    /// Stamps of `tokenizer_files`, in order.
+    pub tokenizer_stamps: Vec<Option<FileStamp>>,
 }
 
 impl Generation {
@@ -246,11 +252,14 @@ impl Shared {
                 "listener addresses changed in the config; they take effect after a restart"
             );
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Taken only once the generation is built (reloads run one at a time),
+        // so generation numbers count the configs that really loaded.
+        let id = self.next_id.load(Ordering::Relaxed);
         let generation = build_generation(id, config, Some(&old), &self.metrics, self.seed)?;
         self.tenancy
             .reconfigure(&generation.config)
             .map_err(ProxyError::Config)?;
+        self.next_id.store(id + 1, Ordering::Relaxed);
         for p in &generation.pools {
             p.start_tasks(&self.metrics);
         }
@@ -289,6 +298,10 @@ fn build_generation(
         Some(p) if p.lifecycle.dest() == config.lifecycle.log => p.lifecycle.clone(),
         _ => LifecycleLog::open(&config.lifecycle.log, rotation, metrics.clone())?,
     };
+    // Stamped before reading, so a write during the load shows as a change.
+    let tokenizer_files: Vec<PathBuf> =
+        config.pools().filter_map(|p| p.tokenizer.clone()).collect();
+    let tokenizer_stamps = stamps(&tokenizer_files);
     let tokenizers = config.tokenizers()?;
     let pools = config
         .pools()
@@ -307,5 +320,7 @@ fn build_generation(
         lifecycle,
         tenants,
         loaded_at: Instant::now(),
+        tokenizer_files,
+        tokenizer_stamps,
     }))
 }
