@@ -1,8 +1,10 @@
 //! The admin listener: `/metrics`, `/healthz` (the process is up),
-//! `/readyz` (every pool has a replica to send to) and `/admin/state`
-//! (a read-only JSON view of pools and endpoints). Nothing here changes state.
+//! `/readyz` (every pool has a replica to send to, and the proxy is not
+//! shutting down) and `/admin/state` (a read-only JSON view of pools and
+//! endpoints). Nothing here changes state.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -21,12 +23,15 @@ use crate::state::{ReloadStatus, Shared};
 /// The admin listener's app.
 pub struct Admin {
     shared: Arc<Shared>,
+    /// Set on SIGTERM: `/readyz` answers 503 from then on, while the admin
+    /// listener keeps serving probes and metrics through the drain.
+    draining: Arc<AtomicBool>,
 }
 
 impl Admin {
-    /// An admin app over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    /// An admin app over `shared`; `/readyz` fails once `draining` is set.
+    pub fn new(shared: Arc<Shared>, draining: Arc<AtomicBool>) -> Self {
+        Self { shared, draining }
     }
 }
 
@@ -128,7 +133,12 @@ impl Admin {
             m.prefix_index_entries
                 .with_label_values(&[p.name()])
                 .set(i64::try_from(p.router_state_size()).unwrap_or(i64::MAX));
-            for e in p.endpoints().iter() {
+            let eps = p.endpoints();
+            let routable = eps.iter().filter(|e| e.is_routable(now)).count();
+            m.pool_routable
+                .with_label_values(&[p.name()])
+                .set(i64::try_from(routable).unwrap_or(i64::MAX));
+            for e in eps.iter() {
                 let labels = [p.name(), e.key.as_str()];
                 m.upstream_healthy
                     .with_label_values(&labels)
@@ -147,6 +157,9 @@ impl Admin {
     }
 
     fn ready(&self) -> (bool, String) {
+        if self.draining.load(Ordering::Relaxed) {
+            return (false, "draining: shutting down\n".into());
+        }
         let g = self.shared.current();
         let now = Instant::now();
         let missing: Vec<&str> = g

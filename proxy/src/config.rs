@@ -67,6 +67,15 @@ pub struct ServerConfig {
     /// Seconds an idle client keep-alive connection is kept open.
     #[serde(default = "default_keepalive_secs")]
     pub keepalive_secs: u64,
+    /// After SIGTERM, how long the proxy keeps accepting while `/readyz`
+    /// already answers 503, so load balancers that poll readiness stop
+    /// sending before the listener closes.
+    #[serde(default)]
+    pub shutdown_delay_ms: u64,
+    /// After SIGTERM (and the delay), the longest wait for requests in flight
+    /// (queued, forwarding, streaming) to finish before the process exits.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
 }
 
 fn default_listen() -> String {
@@ -81,6 +90,9 @@ fn default_max_header_bytes() -> usize {
 fn default_keepalive_secs() -> u64 {
     60
 }
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -89,6 +101,8 @@ impl Default for ServerConfig {
             admin_listen: default_admin_listen(),
             max_header_bytes: default_max_header_bytes(),
             keepalive_secs: default_keepalive_secs(),
+            shutdown_delay_ms: 0,
+            drain_timeout_ms: default_drain_timeout_ms(),
         }
     }
 }
@@ -787,6 +801,11 @@ impl Config {
             self.server.max_header_bytes,
             self.limits.max_retries,
             self.limits.retry_backoff_ms
+        );
+        let _ = writeln!(
+            o,
+            "shutdown: on SIGTERM /readyz answers 503 at once, the API listener closes {} ms later, requests in flight get up to {} ms to finish",
+            self.server.shutdown_delay_ms, self.server.drain_timeout_ms
         );
         let _ = writeln!(
             o,

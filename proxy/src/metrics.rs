@@ -63,6 +63,8 @@ pub struct Metrics {
     pub upstream_in_flight: IntGaugeVec,
     /// Seconds since the last good scrape of an endpoint.
     pub scrape_age: GaugeVec,
+    /// Endpoints a pool can route to now (healthy, not ejected); 0 pages.
+    pub pool_routable: IntGaugeVec,
     /// Ejections by pool.
     pub ejections: IntCounterVec,
     /// Router state entries (prefix-index size) per pool.
@@ -113,6 +115,7 @@ impl Metrics {
             upstream_ejected: gv("sluice_upstream_ejected", "1 when the endpoint is passively ejected.", &["pool", "endpoint"]),
             upstream_in_flight: gv("sluice_upstream_in_flight", "Proxy requests in flight on the endpoint.", &["pool", "endpoint"]),
             scrape_age: GaugeVec::new(Opts::new("sluice_upstream_scrape_age_seconds", "Seconds since the endpoint's /metrics was last scraped successfully (-1: never)."), &["pool", "endpoint"]).unwrap_or_else(|_| unreachable_metric("scrape_age")),
+            pool_routable: gv("sluice_pool_routable_endpoints", "Endpoints the pool can route to now (healthy and not ejected); 0 means its requests fail.", &["pool"]),
             ejections: cv("sluice_upstream_ejections_total", "Passive ejections.", &["pool"]),
             prefix_index_entries: gv("sluice_prefix_index_entries", "Entries in the pool router's bounded state (prefix index).", &["pool"]),
             reloads: cv("sluice_config_reloads_total", "Config reloads, by result.", &["result"]),
@@ -135,6 +138,7 @@ impl Metrics {
             Box::new(m.upstream_ejected.clone()),
             Box::new(m.upstream_in_flight.clone()),
             Box::new(m.scrape_age.clone()),
+            Box::new(m.pool_routable.clone()),
             Box::new(m.ejections.clone()),
             Box::new(m.prefix_index_entries.clone()),
             Box::new(m.reloads.clone()),

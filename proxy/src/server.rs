@@ -2,6 +2,13 @@
 //! Pingora's HTTP sessions, reload on SIGHUP or when the config file changes,
 //! reopen the lifecycle log on SIGHUP/SIGUSR1, drain on SIGTERM/SIGINT.
 //!
+//! Shutdown, in order: `/readyz` answers 503 at once; the API listener keeps
+//! accepting for `server.shutdown_delay_ms` (load balancers polling readiness
+//! stop sending meanwhile), then closes; requests in flight — queued,
+//! forwarding or streaming — get up to `server.drain_timeout_ms` to finish
+//! (kept-alive connections are closed after their current request); then
+//! the process exits. The admin listener serves throughout.
+//!
 //! The proxy binds its own sockets (rather than using Pingora's `Server`
 //! bootstrap) so it can report the real port of a `:0` listener and run
 //! several proxies in one process (the demo and A/B harness do).
@@ -9,6 +16,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pingora::apps::{HttpServerApp, ServerApp};
@@ -25,8 +33,6 @@ use crate::state::{Overrides, ReloadTrigger, Shared};
 
 /// Most client connections served at once; more wait in the kernel backlog.
 const MAX_CONNECTIONS: usize = 65_536;
-/// How long shutdown waits for requests in flight.
-const DRAIN: Duration = Duration::from_secs(30);
 
 /// `sluice serve` options.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -123,7 +129,12 @@ pub struct RunningProxy {
     pub shared: Arc<Shared>,
     api_addr: SocketAddr,
     admin_addr: SocketAddr,
+    /// Set first on shutdown: `/readyz` fails.
+    draining: Arc<AtomicBool>,
+    /// Stops the API listener and the config watcher.
     shutdown: watch::Sender<bool>,
+    /// Stops the admin listener, last.
+    admin_shutdown: watch::Sender<bool>,
 }
 
 impl RunningProxy {
@@ -146,8 +157,10 @@ impl RunningProxy {
             args.arm.clone(),
         )?;
         let (shutdown, watch_rx) = watch::channel(false);
+        let (admin_shutdown, admin_rx) = watch::channel(false);
+        let draining = Arc::new(AtomicBool::new(false));
         let api = Arc::new(Api::new(Arc::clone(&shared), max_header, keepalive));
-        let admin = Arc::new(Admin::new(Arc::clone(&shared)));
+        let admin = Arc::new(Admin::new(Arc::clone(&shared), Arc::clone(&draining)));
         tokio::spawn(accept_loop(
             api_listener,
             api,
@@ -160,12 +173,14 @@ impl RunningProxy {
                 watch_rx.clone(),
             ));
         }
-        tokio::spawn(accept_loop(admin_listener, admin, watch_rx, None));
+        tokio::spawn(accept_loop(admin_listener, admin, admin_rx, None));
         Ok(Self {
             shared,
             api_addr,
             admin_addr,
+            draining,
             shutdown,
+            admin_shutdown,
         })
     }
 
@@ -179,18 +194,53 @@ impl RunningProxy {
         self.admin_addr
     }
 
-    /// Stops accepting, then waits (bounded) for requests in flight to finish.
-    pub async fn shutdown(&self) {
+    /// Graceful shutdown (see the module doc): readiness fails, the API
+    /// listener closes after `shutdown_delay_ms`, requests in flight get up
+    /// to `drain_timeout_ms`, then the admin listener closes. Returns how
+    /// many requests were still in flight when it gave up waiting (0: all
+    /// finished).
+    pub async fn shutdown(&self) -> u64 {
+        self.draining.store(true, Ordering::Relaxed);
+        let server = self.shared.current().config.server.clone();
+        tracing::info!(
+            shutdown_delay_ms = server.shutdown_delay_ms,
+            drain_timeout_ms = server.drain_timeout_ms,
+            "shutting down: readiness fails now"
+        );
+        tokio::time::sleep(Duration::from_millis(server.shutdown_delay_ms)).await;
         let _ = self.shutdown.send(true);
-        let until = Instant::now() + DRAIN;
-        while Instant::now() < until && self.in_flight() > 0 {
+        let until = Instant::now() + Duration::from_millis(server.drain_timeout_ms);
+        let mut left = self.in_flight();
+        while left > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            left = self.in_flight();
         }
+        if left > 0 {
+            tracing::warn!(
+                in_flight = left,
+                "drain deadline passed; exiting with requests in flight"
+            );
+        }
+        let _ = self.admin_shutdown.send(true);
+        left
     }
 
+    /// Requests between classification and their end (admission queue,
+    /// forwarding, streaming) over every pool, or the endpoints' own
+    /// in-flight counts if those are higher.
     fn in_flight(&self) -> u64 {
+        use prometheus::core::Collector;
+        let requests: f64 = self
+            .shared
+            .metrics
+            .in_flight
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric().iter().map(|m| m.get_gauge().get_value()))
+            .sum();
         let g = self.shared.current();
-        g.pools
+        let forwarding: u64 = g
+            .pools
             .iter()
             .flat_map(|p| {
                 p.endpoints()
@@ -198,7 +248,10 @@ impl RunningProxy {
                     .map(|e| u64::from(e.in_flight()))
                     .collect::<Vec<_>>()
             })
-            .sum()
+            .sum();
+        // Gauges are whole numbers; a negative would be a bug, not a request.
+        let requests = if requests > 0.0 { requests as u64 } else { 0 };
+        requests.max(forwarding)
     }
 }
 
