@@ -128,3 +128,52 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
+
+/// Starts the real `sluice` with `args` (a deployment's command line), its
+/// `--host`/`--port` replaced by 127.0.0.1 and port 0, and waits for its
+/// listening line: the arguments really parse and the replica really starts.
+pub fn starts_with_args(args: &[String]) {
+    let mut args = args.to_vec();
+    for (flag, value) in [("--host", "127.0.0.1"), ("--port", "0")] {
+        if let Some(i) = args.iter().position(|a| a == flag) {
+            args[i + 1] = value.to_string();
+        } else if let Some(i) = args.iter().position(|a| a.starts_with(&format!("{flag}="))) {
+            args[i] = format!("{flag}={value}");
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let line = first_stdout_line(&mut child, Duration::from_secs(20)).unwrap_or_default();
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        line.contains("listening on"),
+        "`sluice {}` did not start: {line:?} {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A YAML file (one document) under the repository root, merge keys applied.
+pub fn yaml(path: &str) -> serde_yaml::Value {
+    let mut v: serde_yaml::Value =
+        serde_yaml::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    v.apply_merge().unwrap_or_else(|e| panic!("{path}: {e}"));
+    v
+}
+
+/// The value of `key = "..."` (or `key = N`) on its own line in a TOML text.
+pub fn toml_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        if k.trim() != key {
+            return None;
+        }
+        let v = v.split('#').next()?.trim();
+        Some(v.trim_matches('"').to_string())
+    })
+}
