@@ -162,7 +162,15 @@ pub fn starts_with_args(args: &[String]) {
 pub fn yaml(path: &str) -> serde_yaml::Value {
     let mut v: serde_yaml::Value =
         serde_yaml::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
-    v.apply_merge().unwrap_or_else(|e| panic!("{path}: {e}"));
+    // A merge can bring in another (`<<: *sim` where `sim` has `<<: *image`):
+    // apply until none is left.
+    for _ in 0..8 {
+        let before = v.clone();
+        v.apply_merge().unwrap_or_else(|e| panic!("{path}: {e}"));
+        if v == before {
+            break;
+        }
+    }
     v
 }
 
