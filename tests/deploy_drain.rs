@@ -123,3 +123,33 @@ fn drain_deadline_bounds_the_wait_for_a_stream() {
         rest.len()
     );
 }
+
+#[test]
+fn a_second_sigterm_during_the_drain_exits_at_once() {
+    let sim = Sim::start(&["--speedup", "1", "--seed", "3"]);
+    let mut proxy = serve(&sim, "drain_timeout_ms = 600000");
+    proxy.wait_ready();
+
+    let mut stream = proxy.api.stream("/v1/chat/completions", &long_chat(20_000));
+    assert_eq!(stream.status, 200);
+    assert!(matches!(stream.next_event(), Event::Data(_)));
+
+    proxy.signal("TERM");
+    // Draining (the first signal was seen), with a 10-minute deadline ahead...
+    wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(10),
+        || {
+            let r = proxy.admin.get("/readyz");
+            if r.status == 503 { Ok(()) } else { Err(r.status) }
+        },
+        |s| format!("/readyz still {s} after SIGTERM"),
+    );
+    assert!(proxy.running());
+    // ...a second SIGTERM ends it now.
+    proxy.signal("TERM");
+    let status = proxy.wait_exit();
+    assert!(status.success(), "exit status {status}");
+    let (_, end) = stream.collect();
+    assert_eq!(end, Event::Broken, "the stream was not cut");
+}

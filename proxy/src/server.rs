@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use pingora::apps::{HttpServerApp, ServerApp};
 use sluice_policies::routing::{PolicyKind, RoutingConfig};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
 
 use crate::admin::Admin;
@@ -272,18 +273,26 @@ pub async fn serve(args: ServeArgs) -> Result<(), ProxyError> {
         let _ = out.flush();
     }
     wait_for_signals(&proxy).await?;
-    proxy.shutdown().await;
+    // A second SIGTERM/SIGINT during the drain (an impatient operator, a
+    // supervisor escalating) exits at once instead of being ignored.
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = proxy.shutdown() => {}
+        _ = term.recv() => tracing::warn!("second SIGTERM: exiting without waiting for requests in flight"),
+        _ = int.recv() => tracing::warn!("second SIGINT: exiting without waiting for requests in flight"),
+    }
     Ok(())
 }
 
+fn sig(kind: SignalKind) -> Result<Signal, ProxyError> {
+    signal(kind).map_err(|source| ProxyError::Io {
+        context: "cannot install signal handler".into(),
+        source,
+    })
+}
+
 async fn wait_for_signals(proxy: &RunningProxy) -> Result<(), ProxyError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let sig = |k: SignalKind| {
-        signal(k).map_err(|source| ProxyError::Io {
-            context: "cannot install signal handler".into(),
-            source,
-        })
-    };
     let mut hup = sig(SignalKind::hangup())?;
     let mut usr1 = sig(SignalKind::user_defined1())?;
     let mut term = sig(SignalKind::terminate())?;
