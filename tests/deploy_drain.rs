@@ -44,9 +44,7 @@ fn long_chat(tokens: u32) -> serde_json::Value {
 
 #[test]
 fn sigterm_fails_readiness_closes_the_listener_and_lets_the_stream_finish() {
-    // Real-time engine speed: 300 decode steps take seconds, far longer than
-    // the shutdown steps checked while the stream runs.
-    let sim = Sim::start(&["--speedup", "1", "--seed", "1"]);
+    let sim = Sim::start(&["--speedup", "20", "--seed", "1"]);
     let mut proxy = serve(&sim, "drain_timeout_ms = 120000");
     proxy.wait_ready();
 
@@ -56,6 +54,12 @@ fn sigterm_fails_readiness_closes_the_listener_and_lets_the_stream_finish() {
         panic!("no first event");
     };
     assert!(first.contains("chat.completion.chunk"), "{first}");
+    // The engine stops stepping: the stream stays in flight, however fast
+    // or slow this machine is, until the checks below are done.
+    assert_eq!(
+        sim.post("/admin/faults", &json!({"stall": true})).status,
+        200
+    );
 
     proxy.signal("TERM");
     // Readiness fails first, on the admin listener that keeps serving.
@@ -86,7 +90,9 @@ fn sigterm_fails_readiness_closes_the_listener_and_lets_the_stream_finish() {
     );
     assert!(proxy.running(), "the proxy exited with a stream in flight");
 
-    // The stream in flight runs to its end.
+    // The stream in flight runs to its end once the engine steps again.
+    let lift = sim.request("DELETE", "/admin/faults", None);
+    assert!(lift.status < 300, "lifting the stall: {}", lift.status);
     let (rest, end) = stream.collect();
     assert_eq!(end, Event::End, "the stream was cut");
     assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
@@ -141,7 +147,11 @@ fn a_second_sigterm_during_the_drain_exits_at_once() {
         Duration::from_millis(10),
         || {
             let r = proxy.admin.get("/readyz");
-            if r.status == 503 { Ok(()) } else { Err(r.status) }
+            if r.status == 503 {
+                Ok(())
+            } else {
+                Err(r.status)
+            }
         },
         |s| format!("/readyz still {s} after SIGTERM"),
     );
