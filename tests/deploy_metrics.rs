@@ -26,14 +26,18 @@ use sim::{Client, Event, Response, Sim, metric_value, wait_until};
 /// Names Prometheus itself writes for every scrape target.
 const PROMETHEUS_SYNTHETIC: &[&str] = &["up"];
 
-/// PromQL words that look like identifiers but are not metrics.
-const KEYWORDS: &[&str] = &[
+/// Keywords whose parenthesised list names labels, not series.
+const LABEL_LISTS: &[&str] = &[
     "by",
     "without",
     "on",
     "ignoring",
     "group_left",
     "group_right",
+];
+
+/// Other PromQL words that look like identifiers but are not metrics.
+const KEYWORDS: &[&str] = &[
     "bool",
     "and",
     "or",
@@ -59,16 +63,6 @@ const KEYWORDS: &[&str] = &[
     "quantile",
     "limitk",
     "limit_ratio",
-];
-
-/// Keywords whose parenthesised list names labels, not series.
-const LABEL_LISTS: &[&str] = &[
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
 ];
 
 fn is_ident_start(c: u8) -> bool {
@@ -183,7 +177,7 @@ fn metric_names(expr: &str) -> Vec<String> {
                     out.extend(metric_names(series));
                 }
                 i = end;
-            } else if !call && !KEYWORDS.contains(&word) {
+            } else if !call && !KEYWORDS.contains(&word) && !LABEL_LISTS.contains(&word) {
                 out.push(word.to_string());
             }
         } else {
