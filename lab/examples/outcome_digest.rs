@@ -1,0 +1,75 @@
+//! Prints a digest of replay outcomes over several scenarios, to check that
+//! a speed change leaves every result bit-identical.
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+
+use sluice_bench::workload::synth::{SynthSpec, generate};
+use sluice_lab::{PreparedWorkload, Scenario, Scheduler, parse_admission, replay};
+use sluice_policies::routing::PolicyKind;
+
+fn main() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/workloads/demo.toml");
+    let mut spec = SynthSpec::load(&path).expect("spec");
+    spec.requests = Some(2000);
+    let w = PreparedWorkload::new(generate(&spec).expect("gen"), 16).expect("prep");
+    // `outcome_digest once <policy>`: one saturated replay, for instruction counts.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("once") {
+        let policy: PolicyKind = args[2].parse().expect("policy");
+        let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
+            .expect("scenario")
+            .with_policy(policy);
+        s.rate_scale = 6.0;
+        let o = replay(&w, &s).expect("replay");
+        println!("{} tokens", o.summary.total_output_tokens);
+        return;
+    }
+    let mut all = DefaultHasher::new();
+    for (policy, sched, adm, blocks, rate) in [
+        (PolicyKind::RoundRobin, Scheduler::Fcfs, false, None, 6.0),
+        (PolicyKind::CacheAware, Scheduler::Fcfs, false, None, 6.0),
+        (PolicyKind::LeastRequests, Scheduler::Spf, false, None, 6.0),
+        (PolicyKind::PrefixAffinity, Scheduler::Edf, false, None, 3.0),
+        (PolicyKind::CacheAware, Scheduler::Fcfs, true, None, 6.0),
+        (
+            PolicyKind::RoundRobin,
+            Scheduler::Fcfs,
+            false,
+            Some(3000),
+            3.0,
+        ),
+        (
+            PolicyKind::CacheAware,
+            Scheduler::Spf,
+            false,
+            Some(3000),
+            3.0,
+        ),
+    ] {
+        let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
+            .expect("scenario")
+            .with_policy(policy);
+        s.rate_scale = rate;
+        s.scheduler = sched;
+        s.engine.num_gpu_blocks = blocks;
+        s.slo.ttft_ms = Some(500.0);
+        if adm {
+            s.admission = Some(parse_admission("kv", 16).expect("adm"));
+        }
+        let o = replay(&w, &s).expect("replay");
+        let text = format!("{:?}", o);
+        let mut h = DefaultHasher::new();
+        text.hash(&mut h);
+        text.hash(&mut all);
+        let pre: u64 = o.replicas.iter().map(|r| r.preemptions).sum();
+        println!(
+            "{policy} {sched} adm={adm} blocks={blocks:?}: {:016x} ({} events, {:.2} s, {pre} preemptions, {} ok)",
+            h.finish(),
+            o.events,
+            o.duration_s,
+            o.summary.completed
+        );
+    }
+    println!("all: {:016x}", all.finish());
+}
