@@ -171,7 +171,9 @@ struct Sim<'w> {
 
 impl<'w> Sim<'w> {
     fn new(w: &'w PreparedWorkload, sc: &'w Scenario) -> Result<Self> {
-        let cfg = sc.engine_config()?;
+        let mut cfg = sc.engine_config()?;
+        // Records need token times, not token text.
+        cfg.token_events = false;
         let engine_block_size = cfg.block_size;
         let capacity_blocks = cfg.num_gpu_blocks;
         let mut replicas = Vec::with_capacity(sc.replicas as usize);
@@ -708,32 +710,20 @@ impl<'w> Sim<'w> {
         let Some(mut res) = self.replicas[ri as usize].pending.take() else {
             return;
         };
-        for tok in &res.tokens {
-            let Some(t) = self.tracks.get_mut(tok.id as usize) else {
-                continue;
-            };
-            if tok.text.is_empty() {
-                continue; // an EOS or a cut stop string carries no text
-            }
-            match t.first_token {
-                None => {
-                    t.first_token = Some(now);
-                    // One allocation per request rather than a doubling series.
-                    let max = self
-                        .w
-                        .requests
-                        .get(tok.id as usize)
-                        .map_or(0, |r| r.max_tokens);
-                    t.chunks
-                        .reserve_exact(max.saturating_sub(1).min(1 << 16) as usize);
-                }
-                Some(_) => t.chunks.push(now - t.arrival),
-            }
-        }
-        for f in res.finished.drain(..) {
+        for mut f in res.finished.drain(..) {
             let i = f.id as u32;
             self.release(ri, i);
             let t = &mut self.tracks[i as usize];
+            // The engine kept the due time of every token with text (its
+            // `token_events` are off): the first is the first token, the
+            // rest are the stream's chunks, in seconds since the arrival.
+            let mut times = std::mem::take(&mut f.token_times);
+            if let Some(&first) = times.first() {
+                t.first_token = Some(first);
+                times.remove(0);
+                times.iter_mut().for_each(|x| *x -= t.arrival);
+                t.chunks = times;
+            }
             t.end = now;
             t.stage = Stage::Done;
             if f.reason == FinishReason::Abort {
