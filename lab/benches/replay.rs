@@ -20,6 +20,10 @@ use sluice_bench::workload::synth::{SynthSpec, generate};
 use sluice_lab::{PreparedWorkload, Scenario, replay};
 use sluice_policies::routing::PolicyKind;
 
+// The allocator the `sluice` binary runs `simulate` and `capacity` with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// 45 req/s × 6 is past the knee of 4 × H100 on this workload (throughput stops growing).
 const SATURATING_RATE_SCALE: f64 = 6.0;
 
