@@ -8,6 +8,9 @@ use sluice_bench::workload::synth::{SynthSpec, generate};
 use sluice_lab::{PreparedWorkload, Scenario, Scheduler, parse_admission, replay};
 use sluice_policies::routing::PolicyKind;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/workloads/demo.toml");
     let mut spec = SynthSpec::load(&path).expect("spec");
@@ -15,6 +18,25 @@ fn main() {
     let w = PreparedWorkload::new(generate(&spec).expect("gen"), 16).expect("prep");
     // `outcome_digest once <policy>`: one saturated replay, for instruction counts.
     let args: Vec<String> = std::env::args().collect();
+    // `outcome_digest time <policy> <runs>`: fastest wall time of `runs` saturated replays.
+    if args.get(1).map(String::as_str) == Some("time") {
+        let policy: PolicyKind = args[2].parse().expect("policy");
+        let runs: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(20);
+        let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
+            .expect("scenario")
+            .with_policy(policy);
+        s.rate_scale = 6.0;
+        let mut best = f64::INFINITY;
+        let mut virt = 0.0;
+        for _ in 0..runs {
+            let t = std::time::Instant::now();
+            let o = replay(&w, &s).expect("replay");
+            best = best.min(t.elapsed().as_secs_f64());
+            virt = o.duration_s;
+        }
+        println!("{policy}: fastest of {runs}: {:.2} ms = {:.0}x", best * 1e3, virt / best);
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("once") {
         let policy: PolicyKind = args[2].parse().expect("policy");
         let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
