@@ -34,7 +34,11 @@ fn main() {
             best = best.min(t.elapsed().as_secs_f64());
             virt = o.duration_s;
         }
-        println!("{policy}: fastest of {runs}: {:.2} ms = {:.0}x", best * 1e3, virt / best);
+        println!(
+            "{policy}: fastest of {runs}: {:.2} ms = {:.0}x",
+            best * 1e3,
+            virt / best
+        );
         return;
     }
     if args.get(1).map(String::as_str) == Some("once") {
