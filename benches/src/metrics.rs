@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::loadgen::record::RequestRecord;
-use crate::stats::{mean, percentiles_select, std_dev};
+use crate::stats::describe;
 
 /// Service-level objectives for goodput, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -81,10 +81,8 @@ impl LatencyStats {
     /// Statistics of `ms`, already in milliseconds (zeros when empty). Takes
     /// the buffer because the percentiles are found by selection in place.
     pub fn of_ms(mut ms: Vec<f64>) -> Self {
-        let mean_ms = mean(&ms).unwrap_or(0.0);
-        let std_ms = std_dev(&ms).unwrap_or(0.0);
-        let [median_ms, p90_ms, p95_ms, p99_ms] =
-            percentiles_select(&mut ms, [50.0, 90.0, 95.0, 99.0]).unwrap_or([0.0; 4]);
+        let (mean_ms, std_ms, [median_ms, p90_ms, p95_ms, p99_ms]) =
+            describe(&mut ms, [50.0, 90.0, 95.0, 99.0]).unwrap_or((0.0, 0.0, [0.0; 4]));
         LatencyStats {
             mean_ms,
             median_ms,
@@ -319,7 +317,7 @@ mod tests {
     /// The summary as it was computed before selection: every gap collected
     /// per record, converted, fully sorted.
     fn sorted_stats(seconds: &[f64]) -> LatencyStats {
-        use crate::stats::{percentile_sorted, sorted};
+        use crate::stats::{mean, percentile_sorted, sorted, std_dev};
         let ms: Vec<f64> = seconds.iter().map(|s| s * 1000.0).collect();
         let s = sorted(&ms);
         let p = |q| percentile_sorted(&s, q).unwrap_or(0.0);

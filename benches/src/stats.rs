@@ -23,11 +23,35 @@ pub fn percentiles_select<const P: usize>(v: &mut [f64], ps: [f64; P]) -> Option
     if v.is_empty() {
         return None;
     }
-    // Select on integer keys in `total_cmp` order, stored in place as bit
-    // patterns: one integer comparison instead of two float-to-key
-    // conversions per step of the selection. Restored before returning.
     v.iter_mut()
         .for_each(|x| *x = f64::from_bits(order_key(*x)));
+    let out = select_keyed(v, ps);
+    v.iter_mut().for_each(|x| *x = from_order_key(x.to_bits()));
+    Some(out)
+}
+
+/// The mean, the population standard deviation and the percentiles `ps` of
+/// `v` at once, each bit-for-bit what [`mean`], [`std_dev`] and
+/// [`percentiles_select`] give, in fewer passes over `v` — which is left
+/// holding unspecified values. `None` for an empty slice.
+pub fn describe<const P: usize>(v: &mut [f64], ps: [f64; P]) -> Option<(f64, f64, [f64; P])> {
+    let m = mean(v)?;
+    // `std_dev`'s arithmetic, and each value turned into its order key on the way.
+    let sq = v
+        .iter_mut()
+        .map(|x| {
+            let d = (*x - m).powi(2);
+            *x = f64::from_bits(order_key(*x));
+            d
+        })
+        .sum::<f64>();
+    let sd = (sq / v.len() as f64).sqrt();
+    Some((m, sd, select_keyed(v, ps)))
+}
+
+/// [`percentiles_select`] over values already replaced by their order keys
+/// (as bit patterns): the selection compares integers.
+fn select_keyed<const P: usize>(v: &mut [f64], ps: [f64; P]) -> [f64; P] {
     let by_key = |a: &f64, b: &f64| a.to_bits().cmp(&b.to_bits());
     let last = (v.len() - 1) as f64;
     let mut out = [0.0; P];
@@ -56,8 +80,7 @@ pub fn percentiles_select<const P: usize>(v: &mut [f64], ps: [f64; P]) -> Option
         *slot = a + (b - a) * frac;
         done = lo;
     }
-    v.iter_mut().for_each(|x| *x = from_order_key(x.to_bits()));
-    Some(out)
+    out
 }
 
 /// An `f64`'s bits remapped so that unsigned integer order is `f64::total_cmp` order.
@@ -170,6 +193,14 @@ mod tests {
             prop_assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
             // `to_bits` tells -0.0 from 0.0 and compares NaNs (∞ − ∞) too.
             prop_assert_eq!(want.map(|a| a.map(f64::to_bits)), got.map(|a| a.map(f64::to_bits)));
+            // All at once, as a latency summary computes them.
+            let mut d = v.clone();
+            let want_all = mean(&v).zip(std_dev(&v)).zip(sorted_percentiles(&v, q));
+            let got_all = describe(&mut d, q).map(|(m, s, p)| ((m, s), p));
+            prop_assert_eq!(
+                want_all.map(|((m, s), p)| (m.to_bits(), s.to_bits(), p.map(f64::to_bits))),
+                got_all.map(|((m, s), p)| (m.to_bits(), s.to_bits(), p.map(f64::to_bits)))
+            );
             // The standard vLLM set, in the order the summary asks for it.
             let mut w = v.clone();
             prop_assert_eq!(
