@@ -816,14 +816,6 @@ impl<'w> Sim<'w> {
         } else {
             0.0
         };
-        let policy = self.sc.routing.policy.as_str();
-        let mut records = Vec::with_capacity(self.tracks.len());
-        let mut lifecycle = Vec::with_capacity(self.tracks.len());
-        for (idx, (t, r)) in self.tracks.drain(..).zip(&self.w.requests).enumerate() {
-            let (rec, life) = to_records(idx, t, r, policy, &self.replicas);
-            records.push(rec);
-            lifecycle.push(life);
-        }
         let mut replicas: Vec<ReplicaStats> = Vec::with_capacity(self.replicas.len());
         for rep in &self.replicas {
             let mut s = rep.stats.clone();
@@ -838,6 +830,23 @@ impl<'w> Sim<'w> {
             };
             replicas.push(s);
         }
+        let frontend_latency_ms = self
+            .replicas
+            .first()
+            .map_or(0.0, |r| r.engine.config().frontend_latency_s * 1000.0);
+        // The engines are done with: free their block pools before the
+        // records and the summary allocate, so that memory is reused
+        // rather than fresh pages faulted in.
+        let keys: Vec<String> = self.replicas.iter().map(|r| r.key.clone()).collect();
+        drop(std::mem::take(&mut self.replicas));
+        let policy = self.sc.routing.policy.as_str();
+        let mut records = Vec::with_capacity(self.tracks.len());
+        let mut lifecycle = Vec::with_capacity(self.tracks.len());
+        for (idx, (t, r)) in self.tracks.drain(..).zip(&self.w.requests).enumerate() {
+            let (rec, life) = to_records(idx, t, r, policy, &keys);
+            records.push(rec);
+            lifecycle.push(life);
+        }
         let summary = summarize(&records, duration, &self.sc.slo);
         Outcome {
             label: self.sc.label(),
@@ -849,10 +858,7 @@ impl<'w> Sim<'w> {
             slo: self.sc.slo,
             duration_s: duration,
             events: self.events,
-            frontend_latency_ms: self
-                .replicas
-                .first()
-                .map_or(0.0, |r| r.engine.config().frontend_latency_s * 1000.0),
+            frontend_latency_ms,
         }
     }
 }
@@ -867,7 +873,7 @@ fn to_records(
     t: Track,
     r: &PreparedRequest,
     policy: &'static str,
-    replicas: &[Replica],
+    replica_keys: &[String],
 ) -> (RequestRecord, LifecycleRecord) {
     let request_id = format!("sim-{idx}");
     let success = t.status == 200;
@@ -911,8 +917,8 @@ fn to_records(
         class: r.class.clone(),
         endpoint: t
             .replica
-            .and_then(|i| replicas.get(i as usize))
-            .map(|rep| rep.key.clone()),
+            .and_then(|i| replica_keys.get(i as usize))
+            .cloned(),
         policy,
         reason: t.reason.map(Reason::as_str),
         matched_blocks: t.reason.map(|_| t.matched),
