@@ -69,7 +69,7 @@ fn bench_replay(c: &mut Criterion) {
     for policy in [PolicyKind::RoundRobin, PolicyKind::CacheAware] {
         let s = scenario(policy);
         let o = replay(&w, &s).expect("replay");
-        let runs = 5;
+        let runs = 10;
         let (mut best_wall, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..runs {
             let (out, wall, cpu) = timed(|| replay(&w, &s).expect("replay"));
