@@ -1,5 +1,15 @@
-//! Prints a digest of replay outcomes over several scenarios, to check that
-//! a speed change leaves every result bit-identical.
+//! Replay outcomes as digests, and replay timings.
+//!
+//! `outcome_digest` replays the demo workload (2,000 requests) through seven
+//! scenarios — both bench policies, SPF, EDF with an SLO, the KV admission
+//! gate, and a small pool that forces preemptions under FCFS and under a
+//! priority queue — and prints a hash of each whole `Outcome`'s `Debug` form:
+//! a speed change must leave every one of them unchanged.
+//!
+//! `outcome_digest time <policy> [runs]` prints the fastest of `runs` (20)
+//! saturated replays on 4 × H100 and its multiple of real time;
+//! `outcome_digest once <policy>` runs one, for instruction counts under
+//! callgrind (see `lab/README.md`, "Speed").
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::Path;

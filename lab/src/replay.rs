@@ -7,7 +7,9 @@
 //! engine queue (and, under EDF, the replica's hold queue before it) →
 //! prefill in chunks → decode → finish. Each engine step is computed when it
 //! starts ([`Engine::step`] returns its duration) and its tokens are
-//! delivered when it ends, exactly as the HTTP replica streams them.
+//! due when it ends, exactly as the HTTP replica streams them; the engine
+//! keeps each request's token times (its `token_events` are off) and hands
+//! them over when the request finishes.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
