@@ -110,6 +110,9 @@ struct Track {
     kv: Option<KvTicket>,
     /// KV blocks reserved under EDF.
     reserved_blocks: u64,
+    /// Prompt plus output tokens it may use (kept here: the workload's
+    /// request is cold by the time the track is released).
+    need_tokens: u64,
 }
 
 #[derive(Debug)]
@@ -234,6 +237,7 @@ impl<'w> Sim<'w> {
                 error: None,
                 kv: None,
                 reserved_blocks: 0,
+                need_tokens: u64::from(r.prompt_tokens()) + u64::from(r.max_tokens),
             })
             .collect();
         let span = w.span_s() / sc.rate_scale;
@@ -359,8 +363,7 @@ impl<'w> Sim<'w> {
     }
 
     fn need_tokens(&self, i: u32) -> u64 {
-        let r = self.req(i);
-        u64::from(r.prompt_tokens()) + u64::from(r.max_tokens)
+        self.tracks[i as usize].need_tokens
     }
 
     // --- arrival and admission -------------------------------------------
