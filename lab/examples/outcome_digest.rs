@@ -26,40 +26,35 @@ fn main() {
     let mut spec = SynthSpec::load(&path).expect("spec");
     spec.requests = Some(2000);
     let w = PreparedWorkload::new(generate(&spec).expect("gen"), 16).expect("prep");
-    // `outcome_digest once <policy>`: one saturated replay, for instruction counts.
     let args: Vec<String> = std::env::args().collect();
-    // `outcome_digest time <policy> <runs>`: fastest wall time of `runs` saturated replays.
-    if args.get(1).map(String::as_str) == Some("time") {
-        let policy: PolicyKind = args[2].parse().expect("policy");
-        let runs: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(20);
-        let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
-            .expect("scenario")
-            .with_policy(policy);
-        s.rate_scale = 6.0;
-        let mut best = f64::INFINITY;
-        let mut virt = 0.0;
-        for _ in 0..runs {
-            let t = std::time::Instant::now();
-            let o = replay(&w, &s).expect("replay");
-            best = best.min(t.elapsed().as_secs_f64());
-            virt = o.duration_s;
+    let policy = || -> PolicyKind { args[2].parse().expect("policy") };
+    match args.get(1).map(String::as_str) {
+        // `outcome_digest time <policy> <runs>`: fastest wall time of `runs` saturated replays.
+        Some("time") => {
+            let (policy, s) = (policy(), fleet(policy(), 6.0));
+            let runs: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(20);
+            let mut best = f64::INFINITY;
+            let mut virt = 0.0;
+            for _ in 0..runs {
+                let t = std::time::Instant::now();
+                let o = replay(&w, &s).expect("replay");
+                best = best.min(t.elapsed().as_secs_f64());
+                virt = o.duration_s;
+            }
+            println!(
+                "{policy}: fastest of {runs}: {:.2} ms = {:.0}x",
+                best * 1e3,
+                virt / best
+            );
+            return;
         }
-        println!(
-            "{policy}: fastest of {runs}: {:.2} ms = {:.0}x",
-            best * 1e3,
-            virt / best
-        );
-        return;
-    }
-    if args.get(1).map(String::as_str) == Some("once") {
-        let policy: PolicyKind = args[2].parse().expect("policy");
-        let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
-            .expect("scenario")
-            .with_policy(policy);
-        s.rate_scale = 6.0;
-        let o = replay(&w, &s).expect("replay");
-        println!("{} tokens", o.summary.total_output_tokens);
-        return;
+        // `outcome_digest once <policy>`: one saturated replay, for instruction counts.
+        Some("once") => {
+            let o = replay(&w, &fleet(policy(), 6.0)).expect("replay");
+            println!("{} tokens", o.summary.total_output_tokens);
+            return;
+        }
+        _ => {}
     }
     let mut all = DefaultHasher::new();
     for (policy, sched, adm, blocks, rate) in [
@@ -83,10 +78,7 @@ fn main() {
             3.0,
         ),
     ] {
-        let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
-            .expect("scenario")
-            .with_policy(policy);
-        s.rate_scale = rate;
+        let mut s = fleet(policy, rate);
         s.scheduler = sched;
         s.engine.num_gpu_blocks = blocks;
         s.slo.ttft_ms = Some(500.0);
@@ -108,4 +100,14 @@ fn main() {
         );
     }
     println!("all: {:016x}", all.finish());
+}
+
+/// The bench's fleet: 4 × H100 serving llama-3.1-8b under `policy`, the
+/// demo workload's rate scaled by `rate`.
+fn fleet(policy: PolicyKind, rate: f64) -> Scenario {
+    let mut s = Scenario::resolve(4, "llama-3.1-8b", "h100")
+        .expect("scenario")
+        .with_policy(policy);
+    s.rate_scale = rate;
+    s
 }
